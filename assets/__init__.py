@@ -1,0 +1,45 @@
+"""Dagster asset factories, one module per stage. Thin: read inputs, call loraflow, report metadata.
+
+base_model ─────────────────────────────────────────────┐
+raw_examples (partition per file) -> validated_examples  │
+    -> training_dataset -> adapter (pool "gpu") -> evaluation (gate) -> published_model
+"""
+
+import warnings
+
+from dagster import AssetsDefinition, BetaWarning
+from transformers.utils import logging as transformers_logging
+
+from assets.base_model import build_base_model
+from assets.dataset import build_training_dataset
+from assets.evaluation import build_evaluation
+from assets.ingestion import build_raw_examples, source_partitions
+from assets.publish import build_published_model
+from assets.training import build_adapter
+from assets.validation import build_validated_examples
+from loraflow.spec import PipelineSpec
+
+# Content-addressed data versions are the point of these assets; the beta notice on every run is noise.
+warnings.filterwarnings("ignore", message=r"Parameter `data_version`", category=BetaWarning)
+# Per-tensor loading bars are unreadable in a run's log; progress is logged with rates instead.
+transformers_logging.disable_progress_bar()
+
+PARTITIONED_STAGES = ("raw_examples", "validated_examples")
+STAGES = ("base_model", *PARTITIONED_STAGES, "training_dataset", "adapter", "evaluation", "published_model")
+
+
+def pipeline_assets(spec: PipelineSpec) -> list[AssetsDefinition]:
+    """Every asset of one pipeline, keyed `<pipeline>/<stage>`, in one group named after it."""
+    partitions = source_partitions(spec)
+    return [
+        build_base_model(spec),
+        build_raw_examples(spec, partitions),
+        build_validated_examples(spec, partitions),
+        build_training_dataset(spec),
+        build_adapter(spec),
+        build_evaluation(spec),
+        build_published_model(spec),
+    ]
+
+
+__all__ = ["PARTITIONED_STAGES", "STAGES", "pipeline_assets", "source_partitions"]

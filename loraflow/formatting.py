@@ -1,0 +1,82 @@
+"""From validated rows to chat messages to token ids with a loss mask.
+
+Rules, in one place:
+- An alpaca row becomes [system?] + user + assistant. The user turn is the instruction, then a
+  blank line, then the input when there is one.
+- The text is rendered with the tokenizer's own chat template, so training sees exactly what
+  serving with that template renders.
+- Only assistant tokens carry labels, the assistant's end-of-turn token included (a model that
+  never trains it never learns to stop). The mask comes from the tokenizer's character offsets
+  over the rendered text, not from re-tokenizing pieces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IGNORE_INDEX = -100
+
+
+class FormattingError(ValueError):
+    """The chat template does not render the way loss masking needs."""
+
+
+def alpaca_messages(instruction: str, input_text: str, output: str, system_prompt: str | None) -> list[dict]:
+    """Chat messages for one alpaca example."""
+    user = instruction.strip()
+    if input_text.strip():
+        user = f"{user}\n\n{input_text.strip()}"
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output.strip()}]
+    return messages
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The chat template applied to messages, as text."""
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans [start, end) of each assistant answer.
+
+    A span starts after the template's generation prompt and ends after the end-of-turn marker
+    (trailing whitespace after it is not trained).
+    """
+    text = render(tokenizer, messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = render(tokenizer, messages[: i + 1]).rstrip()
+        if not text.startswith(prompt) or not text.startswith(upto) or len(upto) <= len(prompt):
+            raise FormattingError(
+                "the chat template does not render conversations incrementally (a prefix of the messages "
+                "must render to a prefix of the text), so assistant tokens cannot be located"
+            )
+        spans.append((len(prompt), len(upto)))
+    return text, spans
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def trainable_tokens(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+def tokenize_with_mask(tokenizer, messages: list[dict]) -> TokenizedExample:
+    """Token ids of the rendered conversation; labels are the ids on assistant spans, else IGNORE_INDEX."""
+    text, spans = assistant_spans(tokenizer, messages)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    labels = []
+    for token_id, (start, end) in zip(ids, offsets, strict=True):
+        trained = any(start < span_end and end > span_start for span_start, span_end in spans)
+        labels.append(token_id if trained else IGNORE_INDEX)
+    return TokenizedExample(input_ids=list(ids), labels=labels)

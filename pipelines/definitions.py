@@ -1,0 +1,71 @@
+"""Every `pipelines/*.yaml` becomes one asset group, keyed and named after the file.
+
+    dagster dev -m pipelines.definitions
+
+A broken YAML stops the whole code location from loading, with one message that names every
+broken file and key. Loading the others and hiding the broken one would silently stop its
+schedule and its data checks; a load error is shown on the UI's front page instead, and the
+fix is one edit away.
+
+Environment: LORAFLOW_PIPELINES (folder of YAML files, default: this folder) and LORAFLOW_HOME
+(the artifact store and warehouse, default: .loraflow in the project root).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from dagster import Definitions
+
+from assets import pipeline_assets
+from loraflow.spec import PipelineSpec, SpecError, load_specs
+from resources import ArtifactStore, ManifestIOManager, Trainer, Warehouse
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_pipelines(folder: Path) -> list[PipelineSpec]:
+    """The specs of every YAML in `folder`; raises one SpecError naming every broken file."""
+    specs, errors = load_specs(folder)
+    if errors:
+        raise SpecError(
+            f"{len(errors)} pipeline file(s) in {folder} cannot be loaded; fix them and reload:\n\n"
+            + "\n\n".join(str(e) for e in errors)
+        )
+    return specs
+
+
+def pipeline_resources(home: Path) -> dict:
+    """The resources every pipeline shares, storing everything under `home`."""
+    return {
+        "warehouse": Warehouse(path=str(home / "warehouse.duckdb")),
+        "store": ArtifactStore(root=str(home)),
+        "trainer": Trainer(),
+        "io_manager": ManifestIOManager(root=str(home)),
+    }
+
+
+def build_definitions(pipelines_dir: Path, home: Path) -> Definitions:
+    """Definitions for every pipeline YAML in `pipelines_dir`, storing everything under `home`."""
+    specs = load_pipelines(pipelines_dir)
+    groups = ", ".join(f"{spec.name} ({len(spec.partitions())} source files)" for spec in specs)
+    print(
+        f"loraflow: {len(specs)} pipeline group(s) from {pipelines_dir}: {groups or 'none'}", file=sys.stderr
+    )
+    return Definitions(
+        assets=[asset for spec in specs for asset in pipeline_assets(spec)],
+        resources=pipeline_resources(home),
+    )
+
+
+def default_pipelines_dir() -> Path:
+    return Path(os.environ.get("LORAFLOW_PIPELINES", PROJECT_ROOT / "pipelines"))
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("LORAFLOW_HOME", PROJECT_ROOT / ".loraflow"))
+
+
+defs = build_definitions(default_pipelines_dir(), default_home())

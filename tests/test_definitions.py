@@ -1,0 +1,86 @@
+"""pipelines/definitions.py: one asset group per YAML; a broken YAML stops the load with its name."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import write_yaml
+
+from loraflow.spec import SpecError
+from pipelines.definitions import build_definitions
+
+REPO = Path(__file__).resolve().parent.parent
+SOURCES = "data:\n  sources:\n    - path: data/*.jsonl\n"
+
+
+def test_each_yaml_becomes_one_prefixed_group(project):
+    write_yaml(project / "pipelines", "triage", SOURCES)
+    write_yaml(project / "pipelines", "roleplay", SOURCES + "training:\n  method: lora\n")
+    defs = build_definitions(project / "pipelines", project / ".loraflow")
+    groups: dict[str, set[str]] = {}
+    for key in defs.resolve_all_asset_keys():
+        spec = defs.resolve_assets_def(key).specs_by_key[key]
+        groups.setdefault(spec.group_name, set()).add("/".join(key.path))
+    stages = {
+        "base_model",
+        "raw_examples",
+        "validated_examples",
+        "training_dataset",
+        "adapter",
+        "evaluation",
+        "published_model",
+    }
+    assert groups == {name: {f"{name}/{stage}" for stage in stages} for name in ("triage", "roleplay")}
+    adapter = defs.resolve_assets_def(
+        next(k for k in defs.resolve_all_asset_keys() if k.path[-1] == "adapter")
+    )
+    assert adapter.get_pool_for_key(adapter.key) == "gpu"  # one training at a time
+
+
+def test_one_broken_yaml_stops_the_load_naming_every_broken_file(project):
+    write_yaml(project / "pipelines", "good", SOURCES)
+    write_yaml(project / "pipelines", "typo", SOURCES + "trainng:\n  seed: 1\n")
+    write_yaml(project / "pipelines", "badtype", SOURCES + "training:\n  max_steps: many\n")
+    with pytest.raises(SpecError) as error:
+        build_definitions(project / "pipelines", project / ".loraflow")
+    message = str(error.value)
+    assert "2 pipeline file(s)" in message
+    assert "typo.yaml" in message and "trainng (line 4): unknown key" in message
+    assert "badtype.yaml" in message and "training.max_steps" in message
+    assert "good.yaml" not in message
+
+
+def _validate(pipelines: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "LORAFLOW_PIPELINES": str(pipelines),
+        "LORAFLOW_HOME": str(tmp_path / "home"),
+        "DAGSTER_HOME": str(tmp_path),
+    }
+    dagster = Path(sys.executable).parent / "dagster"
+    return subprocess.run(
+        [str(dagster), "definitions", "validate", "-m", "pipelines.definitions"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_dagster_validate_passes_on_the_repository_and_lists_its_groups(tmp_path):
+    result = _validate(REPO / "pipelines", tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "pipeline group(s)" in result.stderr and "demo (" in result.stderr
+
+
+def test_dagster_validate_fails_on_a_misspelt_key_naming_file_and_key(project, tmp_path):
+    path = write_yaml(project / "pipelines", "typo", SOURCES + "evaluation:\n  max_exmaples: 3\n")
+    result = _validate(project / "pipelines", tmp_path)
+    assert result.returncode != 0
+    assert str(path) in result.stderr or str(path) in result.stdout
+    assert "evaluation.max_exmaples" in result.stderr + result.stdout

@@ -1,0 +1,141 @@
+"""The pipeline spec: good YAML loads, and each kind of bad YAML fails with the file, key and fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import write_yaml
+
+from loraflow.spec import SpecError, load_spec
+
+REPO = Path(__file__).resolve().parent.parent
+
+MINIMAL = """
+data:
+  sources:
+    - path: data/*.jsonl
+"""
+
+
+def test_minimal_yaml_fills_documented_defaults(project):
+    spec = load_spec(write_yaml(project / "pipelines", "triage", MINIMAL))
+    assert spec.name == "triage"
+    assert spec.root == project
+    assert spec.training.method == "qlora"
+    assert spec.training.quantization.quant_type == "nf4"
+    assert spec.base_model.source == "smollm2-135m-instruct"
+    assert spec.base_model.trust_remote_code is False
+
+
+def test_the_demo_pipeline_loads():
+    spec = load_spec(REPO / "pipelines" / "demo.yaml")
+    assert spec.name == "demo"
+    assert spec.training.method == "qlora"
+    assert spec.evaluation.gate.metric == "format_match"
+
+
+def test_every_spec_field_is_documented():
+    from pydantic import BaseModel
+
+    from loraflow import spec as spec_module
+
+    undocumented = []
+    for model in vars(spec_module).values():
+        if (
+            isinstance(model, type)
+            and issubclass(model, BaseModel)
+            and model.__module__ == spec_module.__name__
+        ):
+            undocumented += [
+                f"{model.__name__}.{n}" for n, f in model.model_fields.items() if not f.description
+            ]
+    assert undocumented == []
+
+
+def test_misspelt_key_names_file_key_line_and_allowed_keys(project):
+    path = write_yaml(
+        project / "pipelines",
+        "triage",
+        MINIMAL
+        + """
+training:
+  learning_rat: 0.001
+""",
+    )
+    with pytest.raises(SpecError) as error:
+        load_spec(path)
+    message = str(error.value)
+    assert str(path) in message
+    assert "training.learning_rat (line 6): unknown key" in message
+    assert "learning_rate" in message  # the allowed keys are listed
+
+
+def test_wrong_type_names_key_and_value(project):
+    path = write_yaml(project / "pipelines", "triage", MINIMAL + "training:\n  batch_size: eight\n")
+    with pytest.raises(SpecError, match=r"training\.batch_size \(line 6\): .*integer.*'eight'"):
+        load_spec(path)
+
+
+def test_unknown_choice_lists_allowed_values(project):
+    path = write_yaml(project / "pipelines", "triage", MINIMAL + "training:\n  method: qlor\n")
+    with pytest.raises(SpecError, match=r"training\.method.*'qlora' or 'lora'"):
+        load_spec(path)
+
+
+def test_qlora_with_quantization_off_is_a_contradiction(project):
+    text = MINIMAL + "training:\n  method: qlora\n  quantization:\n    enabled: false\n"
+    with pytest.raises(SpecError, match=r"training.*qlora.*quantization\.enabled is false"):
+        load_spec(write_yaml(project / "pipelines", "triage", text))
+
+
+def test_lora_with_quantization_on_is_a_contradiction(project):
+    text = MINIMAL + "training:\n  method: lora\n  quantization:\n    quant_type: nf4\n"
+    with pytest.raises(SpecError, match=r"use method: qlora"):
+        load_spec(write_yaml(project / "pipelines", "triage", text))
+
+
+def test_format_gate_without_regex_is_rejected(project):
+    text = MINIMAL + "evaluation:\n  gate:\n    metric: format_match\n"
+    with pytest.raises(SpecError, match=r"format_match.*needs evaluation\.format_regex"):
+        load_spec(write_yaml(project / "pipelines", "triage", text))
+
+
+def test_key_given_twice_is_rejected(project):
+    text = MINIMAL + "training:\n  batch_size: 4\n  batch_size: 8\n"
+    with pytest.raises(SpecError, match=r"'batch_size' appears twice"):
+        load_spec(write_yaml(project / "pipelines", "triage", text))
+
+
+def test_broken_yaml_syntax_names_the_file(project):
+    path = write_yaml(project / "pipelines", "triage", "data:\n  sources: [\n")
+    with pytest.raises(SpecError, match=rf"{path}: not valid YAML"):
+        load_spec(path)
+
+
+def test_missing_sources_and_empty_file(project):
+    with pytest.raises(SpecError, match=r"data \(line 1\): required key is missing|data: required key"):
+        load_spec(write_yaml(project / "pipelines", "triage", "training:\n  seed: 1\n"))
+    with pytest.raises(SpecError, match="the file is empty"):
+        load_spec(write_yaml(project / "pipelines", "empty", ""))
+
+
+def test_name_comes_from_the_file_and_must_be_an_identifier(project):
+    with pytest.raises(SpecError, match="pipeline name 'my-model' must be letters, digits and underscores"):
+        load_spec(write_yaml(project / "pipelines", "my-model", MINIMAL))
+    with pytest.raises(SpecError, match="the pipeline name is the file name"):
+        load_spec(write_yaml(project / "pipelines", "triage", "name: other\n" + MINIMAL))
+
+
+def test_sources_resolve_against_the_project_root(project):
+    (project / "data" / "b.jsonl").write_text("{}\n")
+    (project / "data" / "a.jsonl").write_text("{}\n")
+    spec = load_spec(write_yaml(project / "pipelines", "triage", MINIMAL))
+    assert list(spec.partitions()) == ["data/a.jsonl", "data/b.jsonl"]
+
+
+def test_section_versions_change_only_with_their_section(project):
+    base = load_spec(write_yaml(project / "pipelines", "a", MINIMAL))
+    changed = load_spec(write_yaml(project / "pipelines", "b", MINIMAL + "training:\n  seed: 7\n"))
+    assert base.section_version("training") != changed.section_version("training")
+    assert base.section_version("data", "quality") == changed.section_version("data", "quality")
