@@ -38,7 +38,7 @@ def test_each_yaml_becomes_one_prefixed_group(project):
     adapter = defs.resolve_assets_def(
         next(k for k in defs.resolve_all_asset_keys() if k.path[-1] == "adapter")
     )
-    assert adapter.get_pool_for_key(adapter.key) == "gpu"  # one training at a time
+    assert adapter.op.pool == "gpu"  # one training at a time
 
 
 def test_one_broken_yaml_stops_the_load_naming_every_broken_file(project):

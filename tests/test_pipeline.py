@@ -113,7 +113,7 @@ def test_gate_failure_stops_publishing_and_says_by_how_much(project, tiny_model_
     check = instance.event_log_storage.get_latest_asset_check_execution_by_key(
         [AssetCheckKey(AssetKey(["triage", "evaluation"]), "gate")]
     )[AssetCheckKey(AssetKey(["triage", "evaluation"]), "gate")]
-    evaluation = check.event.dagster_event.event_specific_data.check_result  # type: ignore[union-attr]
+    evaluation = check.event.dagster_event.event_specific_data  # type: ignore[union-attr]
     assert evaluation.passed is False
     assert "short by" in evaluation.description
 

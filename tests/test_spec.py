@@ -73,7 +73,7 @@ training:
 
 def test_wrong_type_names_key_and_value(project):
     path = write_yaml(project / "pipelines", "triage", MINIMAL + "training:\n  batch_size: eight\n")
-    with pytest.raises(SpecError, match=r"training\.batch_size \(line 6\): .*integer.*'eight'"):
+    with pytest.raises(SpecError, match=r"training\.batch_size \(line 5\): .*integer.*'eight'"):
         load_spec(path)
 
 
