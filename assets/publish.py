@@ -5,6 +5,7 @@ from pathlib import Path
 
 from dagster import AssetExecutionContext, AssetIn, AssetKey, DataVersion, MetadataValue, Output, asset
 
+from loraflow.base_model import BUILTIN_HUB_IDS
 from loraflow.merge import merge_adapter, publish_version
 from loraflow.model_card import render_model_card
 from loraflow.spec import PipelineSpec
@@ -53,7 +54,7 @@ def build_published_model(spec: PipelineSpec):
         card = render_model_card(
             pipeline=spec.name,
             description=spec.description,
-            base_model=base_model["source"],
+            base_model=BUILTIN_HUB_IDS.get(base_model["source"], base_model["source"]),
             base_model_hash=base_model["content_hash"],
             license="apache-2.0",
             sources=sources,

@@ -28,6 +28,8 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HASHED_FILES = ("config.json", "generation_config.json", "chat_template.jinja")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The hub id of the same model, named in model cards.
+BUILTIN_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 BUF = 1 << 20
 
 
@@ -154,7 +156,7 @@ def _hub_folder(repo_id: str, revision: str | None) -> Path:
         reason = "HF_HUB_OFFLINE is set" if offline else f"{type(err).__name__}: {err}".splitlines()[0]
         raise BaseModelError(
             f"base_model.source {repo_id!r} is not in the local hub cache and cannot be downloaded ({reason}). "
-            f"Download it on a machine with network access (huggingface-cli download {repo_id}), copy the "
+            f"Download it on a machine with network access (hf download {repo_id} --local-dir <folder>), copy the "
             f"folder here and set base_model.source to that folder's path, or use the built-in "
             f"{BUILTIN_MODELS[0]!r}."
         ) from None

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from loraflow.artifacts import atomic_dir, folder_sha256
+from loraflow.artifacts import atomic_dir, file_sha256
 from loraflow.base_model import load_causal_lm, load_tokenizer
 
 LATEST = "latest"
@@ -31,7 +31,9 @@ class PublishResult:
 
 def publish_version(adapter_dir: Path, base_model_hash: str, dtype: str) -> str:
     """Version of a merged model: hash of the adapter's files, the base and the dtype."""
-    blob = f"{folder_sha256(adapter_dir, ('.safetensors', '.json'))}:{base_model_hash}:{dtype}".encode()
+    # the adapter's weights and config decide the merged weights; its training log does not
+    files = [Path(adapter_dir) / name for name in ("adapter_model.safetensors", "adapter_config.json")]
+    blob = ":".join([*(file_sha256(f) for f in files), base_model_hash, dtype]).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
