@@ -35,7 +35,9 @@ test: install
 	$(PY) -m pytest
 
 ui: install
-	$(VENV)/bin/dagster dev -m pipelines.definitions --host 127.0.0.1 --port 3000
+	# Started inside DAGSTER_HOME, so the instance config dagster finds is the one linked there.
+	cd $(DAGSTER_HOME) && $(CURDIR)/$(VENV)/bin/dagster dev -m pipelines.definitions -d $(CURDIR) \
+		--host 127.0.0.1 --port 3000
 
 lint: install
 	$(VENV)/bin/ruff check .
