@@ -18,9 +18,8 @@ import torch
 
 from loraflow.base_model import load_causal_lm, load_tokenizer
 from loraflow.dataset import load_split
-from loraflow.formatting import render
+from loraflow.formatting import collate, render
 from loraflow.spec import LOWER_IS_BETTER, EvaluationSpec
-from loraflow.train import collate
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 IGNORE_INDEX = -100
 
 
@@ -80,3 +82,17 @@ def tokenize_with_mask(tokenizer, messages: list[dict]) -> TokenizedExample:
         trained = any(start < span_end and end > span_start for span_start, span_end in spans)
         labels.append(token_id if trained else IGNORE_INDEX)
     return TokenizedExample(input_ids=list(ids), labels=labels)
+
+
+def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padding is masked from attention and from the loss."""
+    width = max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        input_ids[i, :n] = torch.tensor(row["input_ids"])
+        labels[i, :n] = torch.tensor(row["labels"])
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

@@ -23,7 +23,7 @@ import torch
 from loraflow.artifacts import atomic_dir
 from loraflow.base_model import load_causal_lm, load_tokenizer
 from loraflow.dataset import load_split
-from loraflow.formatting import IGNORE_INDEX
+from loraflow.formatting import collate
 from loraflow.spec import LoraSpec, TrainingSpec
 
 log = logging.getLogger(__name__)
@@ -62,20 +62,6 @@ def lora_config(lora: LoraSpec):
         bias="none",
         task_type="CAUSAL_LM",
     )
-
-
-def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; padding is masked from attention and from the loss."""
-    width = max(len(r["input_ids"]) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        input_ids[i, :n] = torch.tensor(row["input_ids"])
-        labels[i, :n] = torch.tensor(row["labels"])
-        attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
