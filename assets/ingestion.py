@@ -1,15 +1,16 @@
-"""`raw_examples`: one dynamic partition per source file, every line stored with where it came from."""
+"""`raw_examples`: one dynamic partition per source file, every record stored with where it came from."""
 
 from dagster import (
     AssetExecutionContext,
     AssetKey,
     DataVersion,
     DynamicPartitionsDefinition,
+    Failure,
     MaterializeResult,
     asset,
 )
 
-from loraflow.ingest import ingest_jsonl
+from loraflow.ingest import IngestError, ingest_file
 from loraflow.spec import PipelineSpec
 from resources import Warehouse
 
@@ -19,6 +20,18 @@ def source_partitions(spec: PipelineSpec) -> DynamicPartitionsDefinition:
     return DynamicPartitionsDefinition(name=f"{spec.name}__source_files")
 
 
+def partition_source(spec: PipelineSpec, partition: str):
+    """(file, source spec) of a partition, or a Failure that says the file is gone."""
+    files = spec.partitions()
+    if partition not in files:
+        raise Failure(
+            description=f"partition {partition!r} of pipeline {spec.name!r}: no such source file any more "
+            f"(data.sources matches: {', '.join(files) or 'nothing'}). The source-file sensor removes "
+            "partitions of deleted files."
+        )
+    return files[partition]
+
+
 def build_raw_examples(spec: PipelineSpec, partitions: DynamicPartitionsDefinition):
     @asset(
         key=AssetKey([spec.name, "raw_examples"]),
@@ -26,26 +39,32 @@ def build_raw_examples(spec: PipelineSpec, partitions: DynamicPartitionsDefiniti
         kinds={"duckdb"},
         partitions_def=partitions,
         code_version=spec.section_version("data"),
-        description="Every non-blank line of one source file, untouched, with its file, line number and "
-        "the file's sha256. Table <pipeline>.raw_examples in the warehouse.",
+        description="Every record of one source file (JSON Lines, JSON array, CSV or Parquet), untouched, with "
+        "its file, record index and the file's sha256. Table <pipeline>.raw_examples in the warehouse.",
     )
     def raw_examples(context: AssetExecutionContext, warehouse: Warehouse) -> MaterializeResult:
-        files = spec.partitions()
         key = context.partition_key
-        if key not in files:
-            raise FileNotFoundError(
-                f"partition {key!r} of pipeline {spec.name!r}: no such source file any more "
-                f"(data.sources matches: {', '.join(files) or 'nothing'})"
-            )
-        path, _ = files[key]
-        with warehouse.connect() as con:
-            result = ingest_jsonl(con, spec.name, key, path)
-        context.log.info("%s: %d rows (%d blank lines skipped)", key, result.rows, result.blank_lines)
+        path, source = partition_source(spec, key)
+        try:
+            with warehouse.connect() as con:
+                result = ingest_file(con, spec.name, key, path, source)
+        except IngestError as err:
+            raise Failure(description=str(err)) from None
+        context.log.info(
+            "%s (%s): %d records, %d rows (%d blank lines skipped)",
+            key,
+            result.file_type,
+            result.records,
+            result.rows,
+            result.blank_lines,
+        )
         return MaterializeResult(
             data_version=DataVersion(result.file_sha256),
             metadata={
                 "source_file": result.source_file,
                 "file_sha256": result.file_sha256,
+                "file_type": result.file_type,
+                "records": result.records,
                 "rows": result.rows,
                 "blank_lines": result.blank_lines,
             },

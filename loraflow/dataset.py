@@ -19,9 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from loraflow.artifacts import atomic_dir, write_json_atomic
-from loraflow.formatting import alpaca_messages, render, tokenize_with_mask
+from loraflow.formatting import tokenize_completion, tokenize_with_mask, with_system_prompt
 from loraflow.spec import FormatSpec
-from loraflow.validate import VALID_TABLE
+from loraflow.validate import CROSS_DUPLICATES_VIEW, EXAMPLES_VIEW, ensure_tables
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +36,16 @@ def is_eval(example_hash: str, eval_fraction: float) -> bool:
 def select_examples(con: duckdb.DuckDBPyConnection, pipeline: str) -> tuple[list[dict], int]:
     """All validated examples of a pipeline, each content once, and how many repeats were dropped.
 
-    Of identical examples in several files, the one with the smallest (source file, line) is kept,
-    whatever order the partitions were ingested in.
+    Of identical examples in several files, the copy in the partition that sorts first (then the
+    lowest record index) is kept, whatever order the partitions were ingested in.
     """
+    ensure_tables(con, pipeline)
+    columns = ("partition", "source_file", "record_index", "sub_index", "messages", "text", "example_hash")
     rows = con.execute(
-        f"""
-        SELECT partition, source_file, line_number, instruction, input, output, example_hash
-        FROM "{pipeline}".{VALID_TABLE}
-        QUALIFY row_number() OVER (PARTITION BY example_hash ORDER BY source_file, line_number) = 1
-        ORDER BY example_hash
-        """
+        f'SELECT {", ".join(columns)} FROM "{pipeline}".{EXAMPLES_VIEW} ORDER BY example_hash'
     ).fetchall()
-    total = con.execute(f'SELECT count(*) FROM "{pipeline}".{VALID_TABLE}').fetchone()[0]
-    columns = ("partition", "source_file", "line_number", "instruction", "input", "output", "example_hash")
-    return [dict(zip(columns, row, strict=True)) for row in rows], int(total) - len(rows)
+    dropped = con.execute(f'SELECT count(*) FROM "{pipeline}".{CROSS_DUPLICATES_VIEW}').fetchone()[0]
+    return [dict(zip(columns, row, strict=True)) for row in rows], int(dropped)
 
 
 def dataset_version(
@@ -102,8 +98,12 @@ def build_dataset(
     records: dict[str, list[dict]] = {split: [] for split in SPLITS}
     too_long = 0
     for i, row in enumerate(rows, 1):
-        messages = alpaca_messages(row["instruction"], row["input"], row["output"], fmt.system_prompt)
-        example = tokenize_with_mask(tokenizer, messages)
+        if row["messages"] is not None:
+            messages = with_system_prompt(json.loads(row["messages"]), fmt.system_prompt)
+            example = tokenize_with_mask(tokenizer, messages)
+        else:
+            messages = None
+            example = tokenize_completion(tokenizer, row["text"])
         if len(example.input_ids) > fmt.max_seq_len:
             too_long += 1
             continue
@@ -112,8 +112,10 @@ def build_dataset(
             {
                 "example_hash": row["example_hash"],
                 "source_file": row["source_file"],
-                "line_number": row["line_number"],
-                "messages": json.dumps(messages, ensure_ascii=False),
+                "record_index": row["record_index"],
+                "sub_index": row["sub_index"],
+                "messages": json.dumps(messages, ensure_ascii=False) if messages is not None else None,
+                "text": row["text"],
                 "input_ids": example.input_ids,
                 "labels": example.labels,
                 "num_tokens": len(example.input_ids),
@@ -158,8 +160,10 @@ _SCHEMA = pa.schema(
     [
         ("example_hash", pa.string()),
         ("source_file", pa.string()),
-        ("line_number", pa.int64()),
+        ("record_index", pa.int64()),
+        ("sub_index", pa.int32()),
         ("messages", pa.string()),
+        ("text", pa.string()),
         ("input_ids", pa.list_(pa.int32())),
         ("labels", pa.list_(pa.int32())),
         ("num_tokens", pa.int32()),
@@ -176,7 +180,7 @@ def load_split(dataset_dir: Path, split: str) -> list[dict]:
     """One split of a stored dataset as a list of dicts (messages parsed back into lists)."""
     rows = pq.read_table(Path(dataset_dir) / f"{split}.parquet").to_pylist()
     for row in rows:
-        row["messages"] = json.loads(row["messages"])
+        row["messages"] = json.loads(row["messages"]) if row["messages"] is not None else None
     return rows
 
 
@@ -192,14 +196,3 @@ def sample_view(tokenizer, row: dict) -> str:
     if current:
         pieces.append("]]")
     return "".join(pieces)
-
-
-__all__ = [
-    "DatasetSummary",
-    "build_dataset",
-    "is_eval",
-    "load_split",
-    "render",
-    "sample_view",
-    "select_examples",
-]

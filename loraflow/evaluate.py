@@ -44,7 +44,13 @@ class EvalReport:
         return self.tuned.metrics[metric] - self.base.metrics[metric]
 
     def improvement(self, metric: str) -> float:
-        """How much better tuned is than base (positive is better, whatever the metric's direction)."""
+        """How much better tuned is than base (positive is better, whatever the metric's direction).
+
+        A metric that could not be computed (no conversations to generate from) counts as no
+        improvement at all: minus infinity, so a gate on it fails rather than passes by accident.
+        """
+        if metric not in self.tuned.metrics:
+            return -math.inf
         return -self.delta(metric) if metric in LOWER_IS_BETTER else self.delta(metric)
 
     def table(self) -> str:
@@ -58,7 +64,7 @@ class EvalReport:
     def samples(self, n: int = 5) -> str:
         """The first n examples with the reference and both answers, as markdown."""
         parts = []
-        for i in range(min(n, self.examples)):
+        for i in range(min(n, len(self.prompts))):
             parts.append(
                 f"**prompt**: {self.prompts[i][-300:]}\n\n- reference: `{self.references[i]}`\n"
                 f"- base: `{self.base.answers[i][:300]}`\n- tuned: `{self.tuned.answers[i][:300]}`\n"
@@ -133,16 +139,14 @@ def score(
     model.eval()
     loss = assistant_loss(model, rows, tokenizer.pad_token_id, spec.batch_size)
     answers = generate_answers(model, tokenizer, prompts, spec.max_new_tokens, spec.batch_size)
-    n = len(rows)
-    metrics = {
-        "eval_loss": loss,
-        "perplexity": math.exp(min(loss, 50.0)),
-        "exact_match": sum(a == r for a, r in zip(answers, references, strict=True)) / n,
-        "token_f1": sum(token_f1(a, r) for a, r in zip(answers, references, strict=True)) / n,
-    }
-    if spec.format_regex is not None:
-        pattern = re.compile(spec.format_regex)
-        metrics["format_match"] = sum(bool(pattern.fullmatch(a)) for a in answers) / n
+    metrics = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    if answers:
+        n = len(answers)
+        metrics["exact_match"] = sum(a == r for a, r in zip(answers, references, strict=True)) / n
+        metrics["token_f1"] = sum(token_f1(a, r) for a, r in zip(answers, references, strict=True)) / n
+        if spec.format_regex is not None:
+            pattern = re.compile(spec.format_regex)
+            metrics["format_match"] = sum(bool(pattern.fullmatch(a)) for a in answers) / n
     log.info(
         "%s: %s (%d examples in %.1fs)",
         label,
@@ -167,8 +171,10 @@ def evaluate_adapter(
     if not rows:
         raise ValueError(f"{dataset_dir}: the eval split is empty; raise format.eval_fraction or add data")
     tokenizer = load_tokenizer(base_model_dir, trust_remote_code)
-    prompts = [render(tokenizer, row["messages"][:-1], add_generation_prompt=True) for row in rows]
-    references = [row["messages"][-1]["content"] for row in rows]
+    # Generation needs a prompt and a reference answer: conversations have both, plain texts do not.
+    chats = [row for row in rows if row["messages"] is not None]
+    prompts = [render(tokenizer, row["messages"][:-1], add_generation_prompt=True) for row in chats]
+    references = [row["messages"][-1]["content"] for row in chats]
 
     model = load_causal_lm(base_model_dir, dtype="float32", trust_remote_code=trust_remote_code)
     base = score(model, tokenizer, rows, prompts, references, spec, "base")

@@ -1,8 +1,7 @@
 """From validated rows to chat messages to token ids with a loss mask.
 
-Rules, in one place:
-- An alpaca row becomes [system?] + user + assistant. The user turn is the instruction, then a
-  blank line, then the input when there is one.
+Rules, in one place (validation has already normalized every schema to messages or a text):
+- The pipeline's system prompt goes first, unless the conversation has its own system turn.
 - The text is rendered with the tokenizer's own chat template, so training sees exactly what
   serving with that template renders.
 - Only assistant tokens carry labels, the assistant's end-of-turn token included (a model that
@@ -23,13 +22,10 @@ class FormattingError(ValueError):
     """The chat template does not render the way loss masking needs."""
 
 
-def alpaca_messages(instruction: str, input_text: str, output: str, system_prompt: str | None) -> list[dict]:
-    """Chat messages for one alpaca example."""
-    user = instruction.strip()
-    if input_text.strip():
-        user = f"{user}\n\n{input_text.strip()}"
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output.strip()}]
+def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """The conversation with the pipeline's system prompt first, unless it already has a system turn."""
+    if system_prompt and (not messages or messages[0]["role"] != "system"):
+        return [{"role": "system", "content": system_prompt}, *messages]
     return messages
 
 
@@ -70,6 +66,12 @@ class TokenizedExample:
     @property
     def trainable_tokens(self) -> int:
         return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+def tokenize_completion(tokenizer, text: str) -> TokenizedExample:
+    """A plain text trained as a whole, ending in the end-of-sequence token so the model learns to stop."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return TokenizedExample(input_ids=ids, labels=list(ids))
 
 
 def tokenize_with_mask(tokenizer, messages: list[dict]) -> TokenizedExample:

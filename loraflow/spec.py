@@ -37,18 +37,35 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
+SCHEMAS = ("alpaca", "chat", "sharegpt", "completion")
+FIELDS = ("instruction", "input", "output", "messages", "conversations", "text")
+
+
 class SourceSpec(Section):
     path: str
     """A file or glob, relative to the project root (the folder above `pipelines/`), or absolute.
     Each matching file becomes one partition of `raw_examples`, e.g. `data/demo/*.jsonl`."""
 
-    format: Literal["alpaca"] = "alpaca"
-    """Record schema. `alpaca`: one JSON object per line with an instruction, an optional input
-    and an output (the column names can be remapped with `columns`)."""
+    file_type: Literal["auto", "jsonl", "json", "csv", "parquet"] = "auto"
+    """How the file is stored. `auto` goes by the name: `.jsonl`/`.ndjson` (also `.gz`) are one JSON
+    object per line, `.json` one JSON array of objects, `.csv` (also `.gz`) comma-separated with a
+    header, `.parquet` Parquet."""
 
-    columns: dict[Literal["instruction", "input", "output"], str] = Field(default_factory=dict)
+    format: Literal["auto", "alpaca", "chat", "sharegpt", "completion"] = "auto"
+    """Record schema. `alpaca`: instruction, optional input, output. `chat`: `messages`, a list of
+    {role: system|user|assistant, content}. `sharegpt`: `conversations`, a list of {from: system|human|gpt,
+    value}. `completion`: `text`, trained as a whole. `auto` detects it from the records' keys (after
+    `columns`) and reports what it found; a file matching several schemas is an error naming them."""
+
+    columns: dict[Literal["instruction", "input", "output", "messages", "conversations", "text"], str] = (
+        Field(default_factory=dict)
+    )
     """Map loraflow's field names to the file's own, e.g. `{output: response}` for a file whose
     answers are in a `response` key. Fields not named here keep their own name."""
+
+    explode: str | None = None
+    """A key holding a list of objects, each one example: its keys join (and override) the record's
+    own. E.g. `instances` for records like {instruction, instances: [{input, output}, ...]}."""
 
     def column(self, field: str) -> str:
         """The file's key for one of loraflow's fields."""
@@ -60,17 +77,41 @@ class DataSpec(Section):
     """One or more sources; all of them together make the training data."""
 
 
+PII_KINDS = ("email", "phone", "api_key")
+
+
+class PiiSpec(Section):
+    action: Literal["reject", "redact", "off"] = "reject"
+    """What to do with a row whose text matches a PII pattern: `reject` quarantines it (reason `pii`),
+    `redact` replaces each match with a placeholder like `[EMAIL]` and keeps the row, `off` ignores PII."""
+
+    kinds: list[Literal["email", "phone", "api_key"]] = Field(default_factory=lambda: list(PII_KINDS))
+    """Which patterns to look for: email addresses, phone numbers, API-key-like strings
+    (sk-..., AKIA..., ghp_..., long hex or base64 tokens after 'key'/'token')."""
+
+
 class QualitySpec(Section):
     max_prompt_chars: int = Field(default=4000, gt=0)
-    """Longest instruction plus input, in characters, that is accepted; longer rows are
+    """Longest prompt (every turn before the last answer, joined), in characters; longer rows are
     quarantined with reason `prompt_too_long`. Typical: 2,000-16,000."""
 
     max_response_chars: int = Field(default=4000, gt=0)
-    """Longest output, in characters; longer rows are quarantined (`response_too_long`)."""
+    """Longest answer, in characters; longer rows are quarantined (`response_too_long`)."""
+
+    max_tokens: int | None = Field(default=None, gt=0)
+    """Longest example in the base model's tokens (prompt and answers, without template); longer rows
+    are quarantined (`too_many_tokens`). None skips the count; set it near format.max_seq_len."""
 
     max_invalid_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
-    """Share of a partition's rows that may be quarantined before the blocking data check
-    fails and stops the run. 0.05 means: more than 5% rejected is an error in the data, not noise."""
+    """Share of a partition's rows that may be quarantined before the blocking data check fails and
+    stops the run. 0.05 means: more than 5% rejected is an error in the data, not noise."""
+
+    reject_control_characters: bool = True
+    """Quarantine text holding control characters other than tab and newline (`control_characters`):
+    they are nearly always encoding damage."""
+
+    pii: PiiSpec = Field(default_factory=PiiSpec)
+    """Personal data and secrets: what to look for and what to do with it."""
 
 
 class FormatSpec(Section):

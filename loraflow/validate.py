@@ -1,36 +1,90 @@
-"""Validation: each raw line of a partition becomes a valid example or a quarantined row with a reason.
+"""Validation: each raw row of a partition becomes a valid example or a quarantined row with a reason.
 
-The rules run as one DuckDB query over the partition. The first rule a row breaks is its reason;
-the quarantine keeps the original line so nothing is lost. Per partition,
-raw rows = valid rows + quarantined rows, always.
+Every schema (alpaca, chat, ShareGPT, completion) is normalized in one DuckDB query to the same
+shape: a list of chat messages (role, content), or a plain text for completion. The first rule a
+row breaks is its reason; the quarantine keeps the original record, so nothing is lost. Per
+partition, raw rows = valid rows + quarantined rows, always.
+
+Normalization rules, in one place:
+- alpaca: one user turn, the instruction, then a blank line and the input when there is one;
+  then one assistant turn, the output. Surrounding whitespace of each field is trimmed; a null
+  field counts as empty (an empty CSV cell reads as null).
+- chat: `messages` as given (roles system, user, assistant). ShareGPT: `conversations`, with
+  `from` human/user -> user, gpt/assistant/chatgpt/bard/model -> assistant, system -> system.
+  A conversation must have a user turn and end with an assistant turn.
+- completion: `text`, trained as a whole.
+
+Duplicates: within a file, the first copy (lowest record index) is kept and the others are
+quarantined (`duplicate`). Across files, the views `<pipeline>.examples` and
+`<pipeline>.duplicates_across_files` keep the copy in the file whose partition key sorts first;
+views are computed when read, so the rule holds whatever order files are re-ingested in.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import duckdb
+import pyarrow as pa
 
 from loraflow.ingest import RAW_TABLE, ensure_raw_table
 from loraflow.spec import QualitySpec, SourceSpec
 
 VALID_TABLE = "validated_examples"
 QUARANTINE_TABLE = "quarantine"
+EXAMPLES_VIEW = "examples"
+CROSS_DUPLICATES_VIEW = "duplicates_across_files"
 
 # reason code -> what it means; the codes are stable (metadata keys, check results, reports).
 REASONS: dict[str, str] = {
-    "malformed_json": "the line is not valid JSON",
-    "not_an_object": "the line is JSON but not an object",
-    "missing_field": "a required field (instruction or output) is missing",
-    "wrong_type": "instruction, input or output is not a string",
-    "empty_prompt": "instruction and input are empty or only whitespace",
-    "empty_response": "output is empty or only whitespace",
-    "prompt_too_long": "instruction plus input is longer than quality.max_prompt_chars",
-    "response_too_long": "output is longer than quality.max_response_chars",
+    "undecodable_bytes": "the line is not valid UTF-8 text",
+    "malformed_json": "the record is not valid JSON",
+    "not_an_object": "the record is JSON but not an object",
+    "missing_field": "a required field is missing (detail names it)",
+    "wrong_type": "a field has the wrong type (detail names it)",
+    "bad_conversation": "a conversation with an unknown role, no user turn, or not ending in an answer",
+    "empty_prompt": "the prompt (instruction and input, or a user/system turn) is empty",
+    "empty_response": "an answer is empty",
+    "control_characters": "the text holds control characters other than tab and newline",
+    "prompt_too_long": "the prompt is longer than quality.max_prompt_chars",
+    "response_too_long": "the answer is longer than quality.max_response_chars",
+    "too_many_tokens": "the example is longer than quality.max_tokens base-model tokens",
+    "pii": "the text matches a PII pattern (detail names which) and quality.pii.action is reject",
     "duplicate": "an identical example appears earlier in the same file (the first copy is kept)",
 }
+
+# Regular expressions valid in both Python `re` and DuckDB (RE2).
+PII_PATTERNS: dict[str, str] = {
+    "email": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
+    "phone": r"(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}\b",
+    "api_key": r"\b(?:sk|pk|rk)-[A-Za-z0-9_-]{16,}|\bAKIA[0-9A-Z]{16}\b|\bgh[pousr]_[A-Za-z0-9]{30,}"
+    r"|\bxox[abprs]-[A-Za-z0-9-]{10,}",
+}
+PII_PLACEHOLDERS = {"email": "[EMAIL]", "phone": "[PHONE]", "api_key": "[API_KEY]"}
+CONTROL_CHARACTERS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
+
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+SCHEMA_KEYS = {
+    "alpaca": ("instruction", "output"),
+    "chat": ("messages",),
+    "sharegpt": ("conversations",),
+    "completion": ("text",),
+}
+
+
+class SchemaError(ValueError):
+    """The records of a file match no schema, or several; the message names the candidates."""
 
 
 @dataclass(frozen=True)
@@ -38,28 +92,35 @@ class ValidationResult:
     """Counts for one partition; raw == valid + quarantined."""
 
     partition: str
+    schema: str
     raw: int
     valid: int
     quarantined: int
     reasons: dict[str, int]
+    redacted: dict[str, int] = field(default_factory=dict)
 
     @property
     def invalid_fraction(self) -> float:
         return self.quarantined / self.raw if self.raw else 0.0
 
 
+# ---------------------------------------------------------------------------------------------
+# tables
+
+
 def ensure_tables(con: duckdb.DuckDBPyConnection, pipeline: str) -> None:
-    """Create the validated and quarantine tables if missing."""
-    con.execute(f'CREATE SCHEMA IF NOT EXISTS "{pipeline}"')
+    """Create the validated and quarantine tables and the cross-file views if missing."""
+    ensure_raw_table(con, pipeline)
     con.execute(
         f"""
         CREATE TABLE IF NOT EXISTS "{pipeline}".{VALID_TABLE} (
             partition VARCHAR NOT NULL,
             source_file VARCHAR NOT NULL,
-            line_number BIGINT NOT NULL,
-            instruction VARCHAR NOT NULL,
-            input VARCHAR NOT NULL,
-            output VARCHAR NOT NULL,
+            record_index BIGINT NOT NULL,
+            sub_index INTEGER NOT NULL,
+            schema VARCHAR NOT NULL,
+            messages VARCHAR,
+            text VARCHAR,
             example_hash VARCHAR NOT NULL,
             ingested_at TIMESTAMP NOT NULL
         )
@@ -70,68 +131,279 @@ def ensure_tables(con: duckdb.DuckDBPyConnection, pipeline: str) -> None:
         CREATE TABLE IF NOT EXISTS "{pipeline}".{QUARANTINE_TABLE} (
             partition VARCHAR NOT NULL,
             source_file VARCHAR NOT NULL,
-            line_number BIGINT NOT NULL,
+            record_index BIGINT NOT NULL,
+            sub_index INTEGER NOT NULL,
             reason VARCHAR NOT NULL,
+            detail VARCHAR,
             record VARCHAR NOT NULL,
             quarantined_at TIMESTAMP NOT NULL
         )
         """
     )
+    ranked = f"""
+        SELECT *, row_number() OVER (
+            PARTITION BY example_hash ORDER BY partition, record_index, sub_index) AS copy_number
+        FROM "{pipeline}".{VALID_TABLE}
+    """
+    con.execute(
+        f'CREATE OR REPLACE VIEW "{pipeline}".{EXAMPLES_VIEW} AS '
+        f"SELECT * EXCLUDE (copy_number) FROM ({ranked}) WHERE copy_number = 1"
+    )
+    con.execute(
+        f'CREATE OR REPLACE VIEW "{pipeline}".{CROSS_DUPLICATES_VIEW} AS '
+        f"SELECT * EXCLUDE (copy_number), 'duplicate' AS reason FROM ({ranked}) WHERE copy_number > 1"
+    )
 
 
-def _json_path(key: str) -> str:
-    return "$." + json.dumps(key)
+# ---------------------------------------------------------------------------------------------
+# schema detection
 
 
-def _classified_sql(pipeline: str, source: SourceSpec, quality: QualitySpec) -> tuple[str, list]:
-    """A query over one partition's raw rows adding the parsed fields, the example hash and a reason."""
-    paths = [_json_path(source.column(f)) for f in ("instruction", "input", "output")]
-    sql = f"""
-    WITH raw AS (
-        SELECT partition, source_file, line_number, record, ingested_at,
-               json_valid(record) AS is_json
-        FROM "{pipeline}".{RAW_TABLE} WHERE partition = ?
-    ),
-    typed AS (
-        -- invalid lines are parsed as an empty object so the JSON functions never see them; is_json keeps the truth
+def _lit(text: str) -> str:
+    """A SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _path(key: str, suffix: str = "") -> str:
+    """A JSON path for a top-level key as a SQL string literal."""
+    return _lit("$." + json.dumps(key) + suffix)
+
+
+def detect_schema(con: duckdb.DuckDBPyConnection, pipeline: str, partition: str, source: SourceSpec) -> str:
+    """The schema of a partition: the source's `format`, or the one the records' keys point to.
+
+    Looks at up to 500 records. A schema is a candidate when at least half of the JSON objects have
+    its keys (after the column mapping). None or several candidates is a SchemaError.
+    """
+    if source.format != "auto":
+        return source.format
+    checks = ", ".join(
+        "count(*) FILTER (WHERE "
+        + " AND ".join(f"json_exists(record, {_path(source.column(k))})" for k in keys)
+        + ")"
+        for keys in SCHEMA_KEYS.values()
+    )
+    row = con.execute(
+        f"""
+        WITH sample AS (
+            SELECT record FROM "{pipeline}".{RAW_TABLE}
+            WHERE partition = ? AND read_error IS NULL AND json_valid(record) AND json_type(record) = 'OBJECT'
+            ORDER BY record_index, sub_index LIMIT 500
+        )
+        SELECT count(*), {checks} FROM sample
+        """,
+        [partition],
+    ).fetchone()
+    objects, counts = row[0], dict(zip(SCHEMA_KEYS, row[1:], strict=True))
+    candidates = [name for name, count in counts.items() if objects and count * 2 >= objects]
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        keys = con.execute(
+            f"""
+            SELECT string_agg(DISTINCT k, ', ' ORDER BY k) FROM (
+                SELECT unnest(json_keys(record)) AS k FROM "{pipeline}".{RAW_TABLE}
+                WHERE partition = ? AND read_error IS NULL AND json_valid(record) AND json_type(record) = 'OBJECT'
+                LIMIT 5000)
+            """,
+            [partition],
+        ).fetchone()[0]
+        expected = "; ".join(f"{name}: {' + '.join(keys)}" for name, keys in SCHEMA_KEYS.items())
+        raise SchemaError(
+            f"partition {partition!r}: cannot detect the record schema of {objects} JSON objects; "
+            f"their keys are: {keys or 'none'}. Expected keys ({expected}). Map the file's names with "
+            "`columns` (e.g. columns: {output: response}) or set `format` on the source"
+        )
+    found = ", ".join(f"{name} ({counts[name]} of {objects} records)" for name in candidates)
+    raise SchemaError(
+        f"partition {partition!r}: the records match several schemas: {found}. "
+        f"Set `format` on the source to one of: {', '.join(candidates)}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# classification
+
+
+def _fields_sql(schema: str, source: SourceSpec) -> str:
+    """Schema-specific columns: missing, wrong (field names), roles and contents (lists), text."""
+    if schema == "alpaca":
+        i, n, o = (_path(source.column(f)) for f in ("instruction", "input", "output"))
+        return f"""
+            SELECT *,
+                CASE WHEN t_i IS NULL THEN {_lit(source.column("instruction"))}
+                     WHEN t_o IS NULL THEN {_lit(source.column("output"))} END AS missing,
+                CASE WHEN t_i NOT IN ('VARCHAR', 'NULL') THEN {_lit(source.column("instruction"))}
+                     WHEN t_o NOT IN ('VARCHAR', 'NULL') THEN {_lit(source.column("output"))}
+                     WHEN t_n IS NOT NULL AND t_n NOT IN ('VARCHAR', 'NULL') THEN {_lit(source.column("input"))}
+                END AS wrong,
+                ['user', 'assistant'] AS roles,
+                [CASE WHEN trim(coalesce(inp, '')) = '' THEN trim(coalesce(ins, ''))
+                      ELSE trim(coalesce(ins, '')) || chr(10) || chr(10) || trim(inp) END,
+                 trim(coalesce(out, ''))] AS contents
+            FROM (
+                SELECT *,
+                    json_type(doc, {i}) AS t_i, json_type(doc, {n}) AS t_n, json_type(doc, {o}) AS t_o,
+                    json_extract_string(doc, {i}) AS ins,
+                    CASE WHEN json_type(doc, {n}) = 'VARCHAR' THEN json_extract_string(doc, {n}) END AS inp,
+                    json_extract_string(doc, {o}) AS out
+                FROM objects)
+        """
+    if schema in ("chat", "sharegpt"):
+        key, role, content = (
+            ("messages", "role", "content") if schema == "chat" else ("conversations", "from", "value")
+        )
+        column = source.column(key)
+        whole = _path(column)
+        roles_path, contents_path = _path(column, f"[*].{role}"), _path(column, f"[*].{content}")
+        role_map = " ".join(f"WHEN '{k}' THEN '{v}'" for k, v in SHAREGPT_ROLES.items())
+        mapped = (
+            "raw_roles"
+            if schema == "chat"
+            else f"list_transform(raw_roles, lambda r: CASE lower(r) {role_map} ELSE r END)"
+        )
+        return f"""
+            SELECT *,
+                CASE WHEN t_list IS NULL THEN {_lit(column)} END AS missing,
+                CASE WHEN t_list <> 'ARRAY' THEN {_lit(column)}
+                     WHEN len(coalesce(role_types, [])) <> n_turns
+                          OR NOT list_bool_and(list_transform(role_types, lambda t: t = 'VARCHAR'))
+                          THEN {_lit(column + "[]." + role)}
+                     WHEN len(coalesce(content_types, [])) <> n_turns
+                          OR NOT list_bool_and(list_transform(content_types, lambda t: t = 'VARCHAR'))
+                          THEN {_lit(column + "[]." + content)}
+                END AS wrong,
+                {mapped} AS roles,
+                list_transform(raw_contents, lambda c: trim(c)) AS contents
+            FROM (
+                SELECT *,
+                    json_type(doc, {whole}) AS t_list,
+                    CASE WHEN json_type(doc, {whole}) = 'ARRAY' THEN json_array_length(doc, {whole}) END AS n_turns,
+                    CASE WHEN json_type(doc, {whole}) = 'ARRAY' THEN json_type(doc, {roles_path}) END AS role_types,
+                    CASE WHEN json_type(doc, {whole}) = 'ARRAY' THEN json_type(doc, {contents_path}) END AS content_types,
+                    CASE WHEN json_type(doc, {whole}) = 'ARRAY' THEN json_extract_string(doc, {roles_path}) END AS raw_roles,
+                    CASE WHEN json_type(doc, {whole}) = 'ARRAY'
+                         THEN json_extract_string(doc, {contents_path}) END AS raw_contents
+                FROM objects)
+        """
+    text = _path(source.column("text"))
+    return f"""
         SELECT *,
-            json_type(doc) AS top_type,
-            CASE WHEN json_type(doc) = 'OBJECT' THEN json_type(doc, ?) END AS t_instruction,
-            CASE WHEN json_type(doc) = 'OBJECT' THEN json_type(doc, ?) END AS t_input,
-            CASE WHEN json_type(doc) = 'OBJECT' THEN json_type(doc, ?) END AS t_output
+            CASE WHEN json_type(doc, {text}) IS NULL THEN {_lit(source.column("text"))} END AS missing,
+            CASE WHEN json_type(doc, {text}) <> 'VARCHAR' THEN {_lit(source.column("text"))} END AS wrong,
+            []::VARCHAR[] AS roles,
+            [json_extract_string(doc, {text})] AS contents
+        FROM objects
+    """
+
+
+def _redact_sql(expression: str, quality: QualitySpec) -> str:
+    for kind in quality.pii.kinds:
+        expression = (
+            f"regexp_replace({expression}, {_lit(PII_PATTERNS[kind])}, '{PII_PLACEHOLDERS[kind]}', 'g')"
+        )
+    return expression
+
+
+def _classified_sql(pipeline: str, schema: str, source: SourceSpec, quality: QualitySpec) -> str:
+    """One partition's raw rows with the normalized example, its hash, prompt/response and a reason."""
+    conversation = schema in ("chat", "sharegpt")
+    pii_on = quality.pii.action != "off" and quality.pii.kinds
+    contents = "original"
+    if quality.pii.action == "redact" and pii_on:
+        contents = f"list_transform(original, lambda c: {_redact_sql('c', quality)})"
+    pii_kind = "NULL"
+    if quality.pii.action == "reject" and pii_on:
+        cases = " ".join(
+            f"WHEN regexp_matches(all_text, {_lit(PII_PATTERNS[k])}) THEN '{k}'" for k in quality.pii.kinds
+        )
+        pii_kind = f"CASE {cases} END"
+    bad_conversation = (
+        "len(roles) = 0 OR NOT list_bool_and(list_transform(roles, lambda r: r IN ('system', 'user', 'assistant')))"
+        " OR roles[-1] <> 'assistant' OR NOT list_contains(roles, 'user')"
+        if conversation
+        else "false"
+    )
+    if schema == "completion":
+        prompt, response = "''", "contents[1]"
+        empty_prompt, empty_response = "false", "trim(coalesce(contents[1], '')) = ''"
+    else:
+        prompt = "array_to_string(contents[1:len(contents) - 1], chr(10))"
+        response = "contents[-1]"
+        empty_prompt = (
+            "len(list_filter(list_zip(roles, contents), lambda x: x[1] <> 'assistant' AND x[2] = '')) > 0"
+            " OR trim(array_to_string(contents[1:len(contents) - 1], '')) = ''"
+        )
+        empty_response = (
+            "len(list_filter(list_zip(roles, contents), lambda x: x[1] = 'assistant' AND x[2] = '')) > 0"
+        )
+    messages = (
+        "NULL::VARCHAR"
+        if schema == "completion"
+        else "to_json(list_transform(list_zip(roles, contents), lambda x: {'role': x[1], 'content': x[2]}))::VARCHAR"
+    )
+    text = "contents[1]" if schema == "completion" else "NULL::VARCHAR"
+    return f"""
+    WITH raw AS (
+        SELECT partition, source_file, record_index, sub_index, record, read_error, ingested_at,
+               read_error IS NULL AND json_valid(record) AS is_json
+        FROM "{pipeline}".{RAW_TABLE} WHERE partition = $partition
+    ),
+    objects AS (
+        SELECT *, is_json AND json_type(doc) = 'OBJECT' AS is_object
         FROM (SELECT *, CASE WHEN is_json THEN record ELSE '{{}}' END AS doc FROM raw)
     ),
-    parsed AS (
-        SELECT *,
-            CASE WHEN t_instruction = 'VARCHAR' THEN json_extract_string(doc, ?) END AS instruction,
-            CASE WHEN t_input = 'VARCHAR' THEN json_extract_string(doc, ?) ELSE '' END AS input,
-            CASE WHEN t_output = 'VARCHAR' THEN json_extract_string(doc, ?) END AS output
-        FROM typed
+    fields AS ({_fields_sql(schema, source)}),
+    usable AS (
+        SELECT * EXCLUDE (contents), contents AS original,
+               is_object AND missing IS NULL AND wrong IS NULL AS parsed
+        FROM fields
     ),
-    hashed AS (
+    normalized AS (
+        SELECT *, CASE WHEN parsed THEN {contents} END AS contents,
+               CASE WHEN parsed THEN array_to_string(original, chr(10)) END AS original_text
+        FROM usable
+    ),
+    shaped AS (
         SELECT *,
-            sha256(json_array(instruction, input, output)::VARCHAR) AS example_hash,
-            row_number() OVER (
-                PARTITION BY sha256(json_array(instruction, input, output)::VARCHAR) ORDER BY line_number
-            ) AS copy_number
-        FROM parsed
+            CASE WHEN parsed THEN {prompt} END AS prompt,
+            CASE WHEN parsed THEN {response} END AS response,
+            CASE WHEN parsed THEN {messages} END AS messages,
+            CASE WHEN parsed THEN {text} END AS text,
+            array_to_string(contents, chr(10)) AS all_text
+        FROM normalized
+    ),
+    judged AS (
+        SELECT *,
+            sha256(coalesce(messages, '') || chr(0) || coalesce(text, '')) AS example_hash,
+            CASE
+                WHEN read_error IS NOT NULL THEN read_error
+                WHEN NOT is_json THEN 'malformed_json'
+                WHEN NOT is_object THEN 'not_an_object'
+                WHEN missing IS NOT NULL THEN 'missing_field'
+                WHEN wrong IS NOT NULL THEN 'wrong_type'
+                WHEN {bad_conversation} THEN 'bad_conversation'
+                WHEN {empty_prompt} THEN 'empty_prompt'
+                WHEN {empty_response} THEN 'empty_response'
+                WHEN {"regexp_matches(all_text, '" + CONTROL_CHARACTERS + "')" if quality.reject_control_characters else "false"}
+                    THEN 'control_characters'
+                WHEN length(prompt) > {quality.max_prompt_chars} THEN 'prompt_too_long'
+                WHEN length(response) > {quality.max_response_chars} THEN 'response_too_long'
+                WHEN {pii_kind} IS NOT NULL THEN 'pii'
+            END AS first_reason,
+            CASE WHEN missing IS NOT NULL THEN missing WHEN wrong IS NOT NULL THEN wrong
+                 ELSE {pii_kind} END AS reason_detail,
+            parsed AND all_text IS DISTINCT FROM original_text AS redacted
+        FROM shaped
     )
-    SELECT partition, source_file, line_number, record, ingested_at, instruction, input, output, example_hash,
-        CASE
-            WHEN NOT is_json THEN 'malformed_json'
-            WHEN top_type <> 'OBJECT' THEN 'not_an_object'
-            WHEN t_instruction IS NULL OR t_output IS NULL THEN 'missing_field'
-            WHEN t_instruction <> 'VARCHAR' OR t_output <> 'VARCHAR'
-                 OR (t_input IS NOT NULL AND t_input NOT IN ('VARCHAR', 'NULL')) THEN 'wrong_type'
-            WHEN trim(instruction || input) = '' THEN 'empty_prompt'
-            WHEN trim(output) = '' THEN 'empty_response'
-            WHEN length(instruction) + length(input) > ? THEN 'prompt_too_long'
-            WHEN length(output) > ? THEN 'response_too_long'
-            WHEN copy_number > 1 THEN 'duplicate'
-        END AS reason
-    FROM hashed
+    SELECT partition, source_file, record_index, sub_index, record, ingested_at, messages, text, prompt, response,
+        example_hash, redacted,
+        CASE WHEN first_reason IS NULL AND row_number() OVER (
+                PARTITION BY example_hash, first_reason IS NULL ORDER BY record_index, sub_index) > 1
+             THEN 'duplicate' ELSE first_reason END AS reason,
+        CASE WHEN first_reason IN ('missing_field', 'wrong_type', 'pii') THEN reason_detail END AS detail
+    FROM judged
     """
-    return sql, [*paths, *paths, quality.max_prompt_chars, quality.max_response_chars]
 
 
 def validate_partition(
@@ -140,46 +412,91 @@ def validate_partition(
     partition: str,
     source: SourceSpec,
     quality: QualitySpec,
+    tokenizer=None,
 ) -> ValidationResult:
-    """Split one partition's raw rows into validated examples and quarantined rows (replacing both)."""
+    """Split one partition's raw rows into validated examples and quarantined rows (replacing both).
+
+    `tokenizer` is needed only when quality.max_tokens is set. Leaves the classified rows in the
+    temp table `classified` for callers that want to look at them (data checks).
+    """
     ensure_tables(con, pipeline)
-    sql, params = _classified_sql(pipeline, source, quality)
+    schema = detect_schema(con, pipeline, partition, source)
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE classified AS " + _classified_sql(pipeline, schema, source, quality),
+        {"partition": partition},
+    )
+    if quality.max_tokens is not None:
+        if tokenizer is None:
+            raise ValueError("quality.max_tokens is set: validate_partition needs the base model's tokenizer")
+        _mark_too_many_tokens(con, tokenizer, quality.max_tokens)
     con.execute("BEGIN TRANSACTION")
     try:
-        con.execute("CREATE OR REPLACE TEMP TABLE classified AS " + sql, [partition, *params])
         for table in (VALID_TABLE, QUARANTINE_TABLE):
             con.execute(f'DELETE FROM "{pipeline}".{table} WHERE partition = ?', [partition])
         con.execute(
             f"""
             INSERT INTO "{pipeline}".{VALID_TABLE}
-            SELECT partition, source_file, line_number, instruction, input, output, example_hash, ingested_at
-            FROM classified WHERE reason IS NULL ORDER BY line_number
-            """
+            SELECT partition, source_file, record_index, sub_index, ?, messages, text, example_hash, ingested_at
+            FROM classified WHERE reason IS NULL ORDER BY record_index, sub_index
+            """,
+            [schema],
         )
         con.execute(
             f"""
             INSERT INTO "{pipeline}".{QUARANTINE_TABLE}
-            SELECT partition, source_file, line_number, reason, record, now()::TIMESTAMP
-            FROM classified WHERE reason IS NOT NULL ORDER BY line_number
+            SELECT partition, source_file, record_index, sub_index, reason, detail, record, now()::TIMESTAMP
+            FROM classified WHERE reason IS NOT NULL ORDER BY record_index, sub_index
             """
         )
-        counts = dict(
-            con.execute("SELECT coalesce(reason, 'valid'), count(*) FROM classified GROUP BY 1").fetchall()
-        )
-        con.execute("DROP TABLE classified")
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
         raise
+    counts = dict(
+        con.execute("SELECT coalesce(reason, 'valid'), count(*) FROM classified GROUP BY 1").fetchall()
+    )
+    redacted = con.execute("SELECT count(*) FROM classified WHERE redacted AND reason IS NULL").fetchone()[0]
     valid = int(counts.pop("valid", 0))
     reasons = {reason: int(counts.get(reason, 0)) for reason in REASONS}
     return ValidationResult(
         partition=partition,
+        schema=schema,
         raw=valid + sum(reasons.values()),
         valid=valid,
         quarantined=sum(reasons.values()),
         reasons=reasons,
+        redacted={"rows": int(redacted)} if redacted else {},
     )
+
+
+def _mark_too_many_tokens(con: duckdb.DuckDBPyConnection, tokenizer, max_tokens: int) -> None:
+    """Count tokens of the rows still valid and mark those over the limit `too_many_tokens`."""
+    rows = con.execute(
+        "SELECT record_index, sub_index, coalesce(prompt, '') || chr(10) || coalesce(response, '') "
+        "FROM classified WHERE reason IS NULL"
+    ).fetchall()
+    over_index, over_sub = [], []
+    for start in range(0, len(rows), 2048):
+        chunk = rows[start : start + 2048]
+        lengths = tokenizer([r[2] for r in chunk], add_special_tokens=False, return_length=True)["length"]
+        for (index, sub, _), length in zip(chunk, lengths, strict=True):
+            if length > max_tokens:
+                over_index.append(index)
+                over_sub.append(sub)
+    if not over_index:
+        return
+    con.register("over_limit", pa.table({"record_index": over_index, "sub_index": over_sub}))
+    try:
+        con.execute(
+            "UPDATE classified SET reason = 'too_many_tokens' FROM over_limit "
+            "WHERE classified.record_index = over_limit.record_index AND classified.sub_index = over_limit.sub_index"
+        )
+    finally:
+        con.unregister("over_limit")
+
+
+# ---------------------------------------------------------------------------------------------
+# reading back
 
 
 def partition_counts(con: duckdb.DuckDBPyConnection, pipeline: str, partition: str) -> tuple[int, int, int]:
@@ -197,21 +514,54 @@ def partition_counts(con: duckdb.DuckDBPyConnection, pipeline: str, partition: s
 def quarantine_sample(
     con: duckdb.DuckDBPyConnection, pipeline: str, partition: str, limit: int = 10
 ) -> list[tuple]:
-    """A few quarantined rows of a partition: (line_number, reason, record cut to 120 characters)."""
+    """A few quarantined rows: (record index, reason, detail, record cut to 120 characters)."""
     return con.execute(
         f"""
-        SELECT line_number, reason, left(record, 120) FROM "{pipeline}".{QUARANTINE_TABLE}
-        WHERE partition = ? ORDER BY line_number LIMIT ?
+        SELECT record_index, reason, coalesce(detail, ''), left(record, 120) FROM "{pipeline}".{QUARANTINE_TABLE}
+        WHERE partition = ? ORDER BY record_index, sub_index LIMIT ?
         """,
         [partition, limit],
     ).fetchall()
 
 
+def valid_sample(
+    con: duckdb.DuckDBPyConnection, pipeline: str, partition: str, limit: int = 5
+) -> list[tuple]:
+    """A few valid examples: (record index, messages or text cut to 160 characters)."""
+    return con.execute(
+        f"""
+        SELECT record_index, left(coalesce(messages, text), 160) FROM "{pipeline}".{VALID_TABLE}
+        WHERE partition = ? ORDER BY record_index, sub_index LIMIT ?
+        """,
+        [partition, limit],
+    ).fetchall()
+
+
+def record_schema(con: duckdb.DuckDBPyConnection, pipeline: str, partition: str) -> dict[str, str]:
+    """Top-level keys of the partition's JSON records with their JSON types (most common type wins)."""
+    rows = con.execute(
+        f"""
+        WITH keys AS (
+            SELECT unnest(json_keys(record)) AS key, record FROM "{pipeline}".{RAW_TABLE}
+            WHERE partition = ? AND read_error IS NULL AND json_valid(record) AND json_type(record) = 'OBJECT'
+        )
+        SELECT key, mode(json_type(record, '$."' || replace(key, '"', '\\"') || '"')) FROM keys GROUP BY key ORDER BY key
+        """,
+        [partition],
+    ).fetchall()
+    return dict(rows)
+
+
+def classified_frame(con: duckdb.DuckDBPyConnection):
+    """The rows of the last validate_partition call as a DataFrame for data checks."""
+    return con.execute("SELECT record_index, prompt, response, example_hash, reason FROM classified").df()
+
+
 def validated_fingerprint(con: duckdb.DuckDBPyConnection, pipeline: str, partition: str) -> str:
-    """sha256 over a partition's accepted example hashes in line order: its content version."""
+    """sha256 over a partition's accepted example hashes in record order: its content version."""
     accepted = con.execute(
         f"""
-        SELECT coalesce(string_agg(example_hash, ',' ORDER BY line_number), '')
+        SELECT coalesce(string_agg(example_hash, ',' ORDER BY record_index, sub_index), '')
         FROM "{pipeline}".{VALID_TABLE} WHERE partition = ?
         """,
         [partition],
@@ -234,7 +584,6 @@ def source_lineage(con: duckdb.DuckDBPyConnection, pipeline: str) -> list[dict]:
 
 def drop_partition(con: duckdb.DuckDBPyConnection, pipeline: str, partition: str) -> None:
     """Remove a partition's rows from the raw, validated and quarantine tables (its file is gone)."""
-    ensure_raw_table(con, pipeline)
     ensure_tables(con, pipeline)
     for table in (RAW_TABLE, VALID_TABLE, QUARANTINE_TABLE):
         con.execute(f'DELETE FROM "{pipeline}".{table} WHERE partition = ?', [partition])

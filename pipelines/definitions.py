@@ -19,8 +19,9 @@ from pathlib import Path
 
 from dagster import Definitions
 
-from assets import pipeline_assets
+from assets import pipeline_assets, source_partitions
 from loraflow.spec import PipelineSpec, SpecError, load_specs
+from pipelines.sensors import build_source_sensor
 from resources import ArtifactStore, ManifestIOManager, Trainer, Warehouse
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +57,7 @@ def build_definitions(pipelines_dir: Path, home: Path) -> Definitions:
     )
     return Definitions(
         assets=[asset for spec in specs for asset in pipeline_assets(spec)],
+        sensors=[build_source_sensor(spec, source_partitions(spec)) for spec in specs],
         resources=pipeline_resources(home),
     )
 

@@ -18,39 +18,47 @@ from pathlib import Path
 from dagster import AssetKey, DagsterInstance, materialize
 
 from assets import PARTITIONED_STAGES, STAGES, pipeline_assets, source_partitions
+from loraflow.sources import SourceChanges, diff_sources, scan_sources
 from loraflow.spec import PipelineSpec, SpecError, load_spec
 from loraflow.validate import drop_partition
 from pipelines.definitions import PROJECT_ROOT, default_home, default_pipelines_dir, pipeline_resources
+from pipelines.sensors import ingested_hashes
 
 
-def sync_partitions(
-    spec: PipelineSpec, instance: DagsterInstance, resources: dict
-) -> tuple[list[str], list[str]]:
-    """Add a partition for each new source file and remove those of deleted files (and their rows)."""
+def sync_partitions(spec: PipelineSpec, instance: DagsterInstance, resources: dict) -> SourceChanges:
+    """Add a partition for each new source file, remove those of deleted files (and their rows), and
+    say which partitions need ingesting: the new ones and those whose file content changed."""
     name = source_partitions(spec).name
-    current = list(spec.partitions())
+    files = scan_sources(spec)
     known = set(instance.get_dynamic_partitions(name))
-    added = [key for key in current if key not in known]
-    removed = sorted(known - set(current))
-    if added:
-        instance.add_dynamic_partitions(name, added)
-    for key in removed:
+    changes = diff_sources(files, known, ingested_hashes(instance, spec, sorted(known & set(files))))
+    if changes.added:
+        instance.add_dynamic_partitions(name, changes.added)
+    for key in changes.removed:
         instance.delete_dynamic_partition(name, key)
         with resources["warehouse"].connect() as con:
             drop_partition(con, spec.name, key)
-    return added, removed
+    return changes
 
 
 def run_pipeline(spec: PipelineSpec, instance: DagsterInstance, home: Path) -> dict:
     """Materialize the whole pipeline; returns {'success', 'published', 'evaluation'}."""
     assets = pipeline_assets(spec)
     resources = pipeline_resources(home)
-    partitions, removed = sync_partitions(spec, instance, resources)
+    changes = sync_partitions(spec, instance, resources)
     keys = list(spec.partitions())
     if not keys:
         raise SystemExit(f"pipeline {spec.name!r}: data.sources matches no files; nothing to do")
-    print(f"[{spec.name}] {len(keys)} source file(s); new: {len(partitions)}, removed: {len(removed)}")
-    for key in keys:
+    print(
+        f"[{spec.name}] {len(keys)} source file(s): {len(changes.added)} new, {len(changes.changed)} changed, "
+        f"{len(changes.removed)} removed, {len(keys) - len(changes.to_ingest)} unchanged"
+    )
+    if spec.quality.max_tokens is not None and changes.to_ingest:
+        # token limits are counted with the base model's tokenizer: validation needs it first
+        materialize(
+            assets, selection=[AssetKey([spec.name, "base_model"])], instance=instance, resources=resources
+        )
+    for key in changes.to_ingest:
         print(f"[{spec.name}] ingesting and validating {key}")
         result = materialize(
             assets,

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from loraflow.dataset import build_dataset, is_eval, load_split
-from loraflow.formatting import IGNORE_INDEX, alpaca_messages, tokenize_with_mask
+from loraflow.formatting import IGNORE_INDEX, tokenize_completion, tokenize_with_mask, with_system_prompt
 from loraflow.spec import FormatSpec
 
 
+def conversation(prompt: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
 def test_only_the_answer_and_its_end_of_turn_token_are_trained(tokenizer):
-    messages = alpaca_messages("Triage this.", "My kettle broke.", "sentiment: negative", "Be brief.")
+    messages = with_system_prompt(
+        conversation("Triage: my kettle broke.", "sentiment: negative"), "Be brief."
+    )
     example = tokenize_with_mask(tokenizer, messages)
     trained = [t for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE_INDEX]
     assert tokenizer.decode(trained) == "sentiment: negative<|im_end|>"
@@ -19,13 +25,28 @@ def test_only_the_answer_and_its_end_of_turn_token_are_trained(tokenizer):
     )
 
 
-def test_alpaca_fields_join_into_one_user_turn(tokenizer):
-    with_input = alpaca_messages("Summarize.", "Long text.", "Short.", None)
-    assert with_input == [
-        {"role": "user", "content": "Summarize.\n\nLong text."},
-        {"role": "assistant", "content": "Short."},
-    ]
-    assert alpaca_messages("Say hi.", "  ", "Hi.", None)[0]["content"] == "Say hi."
+def test_every_assistant_turn_of_a_conversation_is_trained(tokenizer):
+    messages = conversation("Hi", "Hello.") + conversation("Bye", "Goodbye.")
+    example = tokenize_with_mask(tokenizer, messages)
+    trained = tokenizer.decode(
+        [t for t, label in zip(example.input_ids, example.labels, strict=True) if label != -100]
+    )
+    assert trained == "Hello.<|im_end|>Goodbye.<|im_end|>"
+
+
+def test_system_prompt_does_not_replace_the_conversations_own():
+    own = [{"role": "system", "content": "Mine."}, *conversation("a", "b")]
+    assert with_system_prompt(own, "Pipeline's.") == own
+    assert with_system_prompt(conversation("a", "b"), "Pipeline's.")[0] == {
+        "role": "system",
+        "content": "Pipeline's.",
+    }
+
+
+def test_completion_text_is_trained_whole_and_ends_in_eos(tokenizer):
+    example = tokenize_completion(tokenizer, "Once upon a time.")
+    assert example.labels == example.input_ids
+    assert example.input_ids[-1] == tokenizer.eos_token_id
 
 
 def test_split_is_decided_by_content_hash_alone():
@@ -39,15 +60,16 @@ def test_split_is_decided_by_content_hash_alone():
 
 def _rows(n: int, start: int = 0) -> list[dict]:
     import hashlib
+    import json
 
     return [
         {
-            "instruction": "Classify.",
-            "input": f"message {i}",
-            "output": f"label {i % 3}",
+            "messages": json.dumps(conversation(f"Classify message {i}.", f"label {i % 3}")),
+            "text": None,
             "example_hash": hashlib.sha256(f"ex{i}".encode()).hexdigest(),
             "source_file": "f.jsonl",
-            "line_number": i + 1,
+            "record_index": i + 1,
+            "sub_index": 0,
         }
         for i in range(start, start + n)
     ]
@@ -80,7 +102,7 @@ def test_unchanged_inputs_reuse_the_stored_dataset(tokenizer, tmp_path):
 
 def test_overlong_examples_are_dropped_and_counted(tokenizer, tmp_path):
     rows = _rows(5)
-    rows[0]["input"] = "word " * 400
+    rows[0]["messages"] = rows[0]["messages"].replace("Classify", "word " * 400)
     summary = build_dataset(rows, tokenizer, FormatSpec(max_seq_len=64), "base", tmp_path)
     assert summary.dropped_too_long == 1
     assert summary.train_examples + summary.eval_examples == 4

@@ -123,4 +123,10 @@ def test_too_many_invalid_rows_stop_the_run_before_training(project, tiny_model_
     outcome = run_pipeline(spec, instance, project / ".loraflow")
     assert not outcome["success"]
     assert outcome["failed_at"] == "partition data/feedback-2026-11.jsonl"
+    check_key = AssetCheckKey(AssetKey(["triage", "validated_examples"]), "quality_suite")
+    check = instance.event_log_storage.get_latest_asset_check_execution_by_key([check_key])[check_key]
+    evaluation = check.event.dagster_event.event_specific_data  # type: ignore[union-attr]
+    assert evaluation.passed is False
+    assert "quarantined, over the limit of 5%" in evaluation.description
+    assert evaluation.metadata["gx_success"].value is False
     assert instance.get_latest_materialization_event(AssetKey(["triage", "adapter"])) is None
