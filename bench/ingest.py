@@ -37,7 +37,7 @@ import psutil
 
 from loraflow.ingest import ingest_file
 from loraflow.spec import QualitySpec, SourceSpec
-from loraflow.validate import validate_partition
+from loraflow.validate import partition_counts, validate_partition
 
 PIPELINE = "bench"
 PARTITION = "bench.jsonl"
@@ -431,6 +431,8 @@ def run(folder: Path, rows: int, seed: int) -> int:
     rss_after = maxrss_mib()
     sampled = sampler.peak / 2**20
     peak = max(rss_after, sampled)
+    # ValidationResult.raw is valid + quarantined by construction; the stored tables are the real test
+    stored_raw, stored_valid, stored_quarantined = partition_counts(con, PIPELINE, PARTITION)
     con.close()
     database_size = sum(p.stat().st_size for p in folder.glob("warehouse.duckdb*"))
 
@@ -468,6 +470,11 @@ def run(folder: Path, rows: int, seed: int) -> int:
         failures.append(f"raw {result.raw} != valid {result.valid} + quarantined {result.quarantined}")
     if result.raw != rows:
         failures.append(f"raw {result.raw} != rows written {rows}")
+    if stored_raw != stored_valid + stored_quarantined or stored_raw != rows:
+        failures.append(
+            f"stored tables: raw {stored_raw}, validated {stored_valid} + quarantined {stored_quarantined}, "
+            f"rows written {rows}"
+        )
     expected: dict[str, int] = {}
     for kind, count in planted.items():
         expected[KINDS[kind]] = expected.get(KINDS[kind], 0) + count
@@ -492,7 +499,14 @@ def run(folder: Path, rows: int, seed: int) -> int:
     valid_expected = rows - planted_total
     if result.valid != valid_expected:
         print(f"  valid rows: {result.valid:,}, expected {valid_expected:,}  <-- differs")
-    print(f"  count invariant (raw == valid + quarantined == {rows:,}): {'FAILED' if failures else 'ok'}")
+    print(
+        f"  read back from the tables: raw {stored_raw:,}, validated {stored_valid:,}, "
+        f"quarantine {stored_quarantined:,}"
+    )
+    print(
+        f"  count invariant (raw == valid + quarantined == {rows:,}, result and tables): "
+        f"{'FAILED' if failures else 'ok'}"
+    )
     for failure in failures:
         print(f"    {failure}")
     print(f"  reasons match the planted rows: {'no: ' + ', '.join(mismatches) if mismatches else 'yes'}")

@@ -14,14 +14,15 @@ ingestion time.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 
-from loraflow.artifacts import file_sha256
 from loraflow.spec import SourceSpec
 
 RAW_TABLE = "raw_examples"
@@ -96,11 +97,18 @@ def ingest_file(
     if not path.is_file():
         raise IngestError(f"{path}: source file not found (moved or deleted since the partition was added?)")
     kind = file_type_of(path, source)
-    digest = file_sha256(path)
     ensure_raw_table(con, pipeline)
-    blank = _load_incoming(con, path, kind)
+    # hashing reads the file in Python while DuckDB parses it: both release the GIL, so they overlap
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        digest_and_lines = pool.submit(_digest_and_lines, path)
+        blank = _load_incoming(con, path, kind)
+        digest, lines = digest_and_lines.result()
+    if blank is None:  # JSON Lines read by DuckDB: blank lines are the lines it did not keep
+        blank = lines - con.execute("SELECT count(*) FROM incoming").fetchone()[0]
     records = con.execute("SELECT count(*) FROM incoming").fetchone()[0]
     con.execute("BEGIN TRANSACTION")
+    # every row carries its record index and is read back in that order: any write order is fine
+    con.execute("SET preserve_insertion_order = false")
     try:
         con.execute(f'DELETE FROM "{pipeline}".{RAW_TABLE} WHERE partition = ?', [partition])
         con.execute(
@@ -114,6 +122,7 @@ def ingest_file(
         con.execute("ROLLBACK")
         raise
     finally:
+        con.execute("RESET preserve_insertion_order")
         con.execute("DROP TABLE IF EXISTS incoming")
     return IngestResult(
         partition=partition,
@@ -165,8 +174,11 @@ def _exploded_sql(explode: str | None) -> str:
     """
 
 
-def _load_incoming(con: duckdb.DuckDBPyConnection, path: Path, kind: str) -> int:
-    """Fill temp table `incoming(record_index, record, read_error)` from the file; returns blank lines."""
+def _load_incoming(con: duckdb.DuckDBPyConnection, path: Path, kind: str) -> int | None:
+    """Fill temp table `incoming(record_index, record, read_error)` from the file.
+
+    Returns the number of blank lines skipped, or None where the caller must count them.
+    """
     gzipped = path.suffix.lower() == ".gz"
     try:
         if kind == "jsonl":
@@ -230,7 +242,7 @@ def _check_json_document(con: duckdb.DuckDBPyConnection, path: Path) -> None:
     )
 
 
-def _load_lines(con: duckdb.DuckDBPyConnection, path: Path, gzipped: bool) -> int:
+def _load_lines(con: duckdb.DuckDBPyConnection, path: Path, gzipped: bool) -> int | None:
     """JSON Lines: one row per non-blank line, numbered as in the file (1-based)."""
     if not gzipped:
         try:
@@ -241,18 +253,20 @@ def _load_lines(con: duckdb.DuckDBPyConnection, path: Path, gzipped: bool) -> in
                 numbered AS (
                     SELECT unnest(lines) AS line, generate_subscripts(lines, 1) AS record_index FROM file
                 )
-                SELECT record_index,
-                       rtrim(CASE WHEN record_index = 1 THEN ltrim(line, chr(65279)) ELSE line END, chr(13))
-                           AS record,
-                       NULL::VARCHAR AS read_error
-                FROM numbered
+                SELECT record_index, record, NULL::VARCHAR AS read_error
+                FROM (
+                    -- byte-level tests (starts_with, ends_with) are far cheaper than trim() on long lines
+                    SELECT record_index,
+                        CASE WHEN ends_with(line, chr(13)) THEN left(line, -1) ELSE line END AS line_,
+                        CASE WHEN record_index = 1 AND starts_with(line_, chr(65279)) THEN substr(line_, 2)
+                             ELSE line_ END AS record
+                    FROM numbered
+                )
+                WHERE NOT regexp_full_match(record, '\\s*')
                 """,
                 [str(path)],
             )
-            blank = con.execute("SELECT count(*) FROM incoming WHERE trim(record) = ''").fetchone()[0]
-            con.execute("DELETE FROM incoming WHERE trim(record) = ''")
-            # a final newline leaves one empty string after the split: not a blank line of the file
-            return int(blank) - (1 if _ends_with_newline(path) or path.stat().st_size == 0 else 0)
+            return None
         except duckdb.InvalidInputException as err:
             if "UTF-8" not in str(err):
                 raise
@@ -305,10 +319,12 @@ def _load_lines_from_bytes(con: duckdb.DuckDBPyConnection, path: Path, gzipped: 
     return blank
 
 
-def _ends_with_newline(path: Path) -> bool:
+def _digest_and_lines(path: Path) -> tuple[str, int]:
+    """sha256 of the file and its number of lines (the last counted whether or not it ends in a newline)."""
+    digest, newlines, last = hashlib.sha256(), 0, b""
     with open(path, "rb") as handle:
-        handle.seek(0, 2)
-        if handle.tell() == 0:
-            return False
-        handle.seek(-1, 2)
-        return handle.read(1) == b"\n"
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+            newlines += chunk.count(b"\n")
+            last = chunk[-1:]
+    return digest.hexdigest(), newlines + (1 if last not in (b"", b"\n") else 0)

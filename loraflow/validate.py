@@ -62,6 +62,8 @@ PII_PATTERNS: dict[str, str] = {
     "api_key": r"\b(?:sk|pk|rk)-[A-Za-z0-9_-]{16,}|\bAKIA[0-9A-Z]{16}\b|\bgh[pousr]_[A-Za-z0-9]{30,}"
     r"|\bxox[abprs]-[A-Za-z0-9-]{10,}",
 }
+# A byte search that must succeed before a pattern can match: far cheaper than the regular expression.
+PII_PREFILTERS = {"email": "contains(all_text, '@')"}
 PII_PLACEHOLDERS = {"email": "[EMAIL]", "phone": "[PHONE]", "api_key": "[API_KEY]"}
 CONTROL_CHARACTERS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
 
@@ -164,6 +166,16 @@ def _lit(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def _trimmed(column: str) -> str:
+    """trim(column), but only where there is whitespace at either end: byte tests are far cheaper than trim()."""
+    edges = " OR ".join(
+        f"{test}({column}, {char})"
+        for test in ("starts_with", "ends_with")
+        for char in ("' '", "chr(10)", "chr(9)", "chr(13)")
+    )
+    return f"CASE WHEN {edges} THEN trim({column}) ELSE {column} END"
+
+
 def _path(key: str, suffix: str = "") -> str:
     """A JSON path for a top-level key as a SQL string literal."""
     return _lit("$." + json.dumps(key) + suffix)
@@ -229,6 +241,7 @@ def _fields_sql(schema: str, source: SourceSpec) -> str:
     """Schema-specific columns: missing, wrong (field names), roles and contents (lists), text."""
     if schema == "alpaca":
         i, n, o = (_path(source.column(f)) for f in ("instruction", "input", "output"))
+        # one parse of the record for all three fields; the small values are then cheap to inspect
         return f"""
             SELECT *,
                 CASE WHEN t_i IS NULL THEN {_lit(source.column("instruction"))}
@@ -238,16 +251,17 @@ def _fields_sql(schema: str, source: SourceSpec) -> str:
                      WHEN t_n IS NOT NULL AND t_n NOT IN ('VARCHAR', 'NULL') THEN {_lit(source.column("input"))}
                 END AS wrong,
                 ['user', 'assistant'] AS roles,
-                [CASE WHEN trim(coalesce(inp, '')) = '' THEN trim(coalesce(ins, ''))
-                      ELSE trim(coalesce(ins, '')) || chr(10) || chr(10) || trim(inp) END,
-                 trim(coalesce(out, ''))] AS contents
+                [CASE WHEN coalesce(inp, '') = '' THEN ins ELSE ins || chr(10) || chr(10) || inp END, out] AS contents
             FROM (
-                SELECT *,
-                    json_type(doc, {i}) AS t_i, json_type(doc, {n}) AS t_n, json_type(doc, {o}) AS t_o,
-                    json_extract_string(doc, {i}) AS ins,
-                    CASE WHEN json_type(doc, {n}) = 'VARCHAR' THEN json_extract_string(doc, {n}) END AS inp,
-                    json_extract_string(doc, {o}) AS out
-                FROM objects)
+                SELECT * EXCLUDE (ins, inp, out), {_trimmed("ins")} AS ins, {_trimmed("inp")} AS inp,
+                       {_trimmed("out")} AS out
+                FROM (
+                    SELECT *, json_type(vals[1]) AS t_i, json_type(vals[2]) AS t_n, json_type(vals[3]) AS t_o,
+                        coalesce(json_extract_string(vals[1], '$'), '') AS ins,
+                        CASE WHEN json_type(vals[2]) = 'VARCHAR' THEN json_extract_string(vals[2], '$') END AS inp,
+                        coalesce(json_extract_string(vals[3], '$'), '') AS out
+                    FROM (SELECT *, CASE WHEN is_object THEN json_extract(doc, [{i}, {n}, {o}]) END AS vals
+                          FROM objects)))
         """
     if schema in ("chat", "sharegpt"):
         key, role, content = (
@@ -306,7 +320,10 @@ def _redact_sql(expression: str, quality: QualitySpec) -> str:
 
 
 def _classified_sql(pipeline: str, schema: str, source: SourceSpec, quality: QualitySpec) -> str:
-    """One partition's raw rows with the normalized example, its hash, prompt/response and a reason."""
+    """One partition's raw rows with the normalized example, its hash, prompt/response and a first reason.
+
+    Duplicates are marked afterwards (`_mark_duplicates`), which is cheaper than a window over every row.
+    """
     conversation = schema in ("chat", "sharegpt")
     pii_on = quality.pii.action != "off" and quality.pii.kinds
     contents = "original"
@@ -315,7 +332,8 @@ def _classified_sql(pipeline: str, schema: str, source: SourceSpec, quality: Qua
     pii_kind = "NULL"
     if quality.pii.action == "reject" and pii_on:
         cases = " ".join(
-            f"WHEN regexp_matches(all_text, {_lit(PII_PATTERNS[k])}) THEN '{k}'" for k in quality.pii.kinds
+            f"WHEN {PII_PREFILTERS.get(k, 'true')} AND regexp_matches(all_text, {_lit(PII_PATTERNS[k])}) THEN '{k}'"
+            for k in quality.pii.kinds
         )
         pii_kind = f"CASE {cases} END"
     bad_conversation = (
@@ -326,23 +344,45 @@ def _classified_sql(pipeline: str, schema: str, source: SourceSpec, quality: Qua
     )
     if schema == "completion":
         prompt, response = "''", "contents[1]"
-        empty_prompt, empty_response = "false", "trim(coalesce(contents[1], '')) = ''"
+        empty_prompt, empty_response = "false", "coalesce(contents[1], '') = ''"
+    elif schema == "alpaca":
+        prompt, response = "contents[1]", "contents[2]"
+        empty_prompt, empty_response = "contents[1] = ''", "contents[2] = ''"
     else:
         prompt = "array_to_string(contents[1:len(contents) - 1], chr(10))"
         response = "contents[-1]"
         empty_prompt = (
             "len(list_filter(list_zip(roles, contents), lambda x: x[1] <> 'assistant' AND x[2] = '')) > 0"
-            " OR trim(array_to_string(contents[1:len(contents) - 1], '')) = ''"
+            " OR array_to_string(contents[1:len(contents) - 1], '') = ''"
         )
         empty_response = (
             "len(list_filter(list_zip(roles, contents), lambda x: x[1] = 'assistant' AND x[2] = '')) > 0"
         )
-    messages = (
-        "NULL::VARCHAR"
-        if schema == "completion"
-        else "to_json(list_transform(list_zip(roles, contents), lambda x: {'role': x[1], 'content': x[2]}))::VARCHAR"
-    )
+    if schema == "completion":
+        messages = "NULL::VARCHAR"
+    elif schema == "alpaca":
+        # the same JSON the general form below writes for two turns, by concatenation: much cheaper
+        messages = (
+            """'[{"role":"user","content":' || to_json(contents[1]) || '},{"role":"assistant","content":' """
+            """|| to_json(contents[2]) || '}]'"""
+        )
+    else:
+        messages = "to_json(list_transform(list_zip(roles, contents), lambda x: {'role': x[1], 'content': x[2]}))::VARCHAR"
     text = "contents[1]" if schema == "completion" else "NULL::VARCHAR"
+    # One pass of a union of every pattern finds the rare rows worth a closer look.
+    suspicious = [CONTROL_CHARACTERS] if quality.reject_control_characters else []
+    if quality.pii.action == "reject" and pii_on:
+        suspicious += [PII_PATTERNS[k] for k in quality.pii.kinds]
+    flagged = (
+        f"regexp_matches(all_text, {_lit('|'.join(f'(?:{p})' for p in suspicious))})"
+        if suspicious
+        else "false"
+    )
+    control = (
+        f"flagged AND regexp_matches(all_text, {_lit(CONTROL_CHARACTERS)})"
+        if quality.reject_control_characters
+        else "false"
+    )
     return f"""
     WITH raw AS (
         SELECT partition, source_file, record_index, sub_index, record, read_error, ingested_at,
@@ -350,19 +390,18 @@ def _classified_sql(pipeline: str, schema: str, source: SourceSpec, quality: Qua
         FROM "{pipeline}".{RAW_TABLE} WHERE partition = $partition
     ),
     objects AS (
-        SELECT *, is_json AND json_type(doc) = 'OBJECT' AS is_object
+        -- invalid records are looked at as an empty object, so the JSON functions never see them
+        SELECT * EXCLUDE (record), is_json AND json_type(doc) = 'OBJECT' AS is_object
         FROM (SELECT *, CASE WHEN is_json THEN record ELSE '{{}}' END AS doc FROM raw)
     ),
     fields AS ({_fields_sql(schema, source)}),
     usable AS (
-        SELECT * EXCLUDE (contents), contents AS original,
+        SELECT * EXCLUDE (contents, doc), contents AS original,
                is_object AND missing IS NULL AND wrong IS NULL AS parsed
         FROM fields
     ),
     normalized AS (
-        SELECT *, CASE WHEN parsed THEN {contents} END AS contents,
-               CASE WHEN parsed THEN array_to_string(original, chr(10)) END AS original_text
-        FROM usable
+        SELECT *, CASE WHEN parsed THEN {contents} END AS contents FROM usable
     ),
     shaped AS (
         SELECT *,
@@ -373,9 +412,12 @@ def _classified_sql(pipeline: str, schema: str, source: SourceSpec, quality: Qua
             array_to_string(contents, chr(10)) AS all_text
         FROM normalized
     ),
+    scanned AS (
+        SELECT *, CASE WHEN flagged THEN {pii_kind} END AS pii
+        FROM (SELECT *, coalesce(parsed AND {flagged}, false) AS flagged FROM shaped)
+    ),
     judged AS (
         SELECT *,
-            sha256(coalesce(messages, '') || chr(0) || coalesce(text, '')) AS example_hash,
             CASE
                 WHEN read_error IS NOT NULL THEN read_error
                 WHEN NOT is_json THEN 'malformed_json'
@@ -385,25 +427,39 @@ def _classified_sql(pipeline: str, schema: str, source: SourceSpec, quality: Qua
                 WHEN {bad_conversation} THEN 'bad_conversation'
                 WHEN {empty_prompt} THEN 'empty_prompt'
                 WHEN {empty_response} THEN 'empty_response'
-                WHEN {"regexp_matches(all_text, '" + CONTROL_CHARACTERS + "')" if quality.reject_control_characters else "false"}
-                    THEN 'control_characters'
+                WHEN {control} THEN 'control_characters'
                 WHEN length(prompt) > {quality.max_prompt_chars} THEN 'prompt_too_long'
                 WHEN length(response) > {quality.max_response_chars} THEN 'response_too_long'
-                WHEN {pii_kind} IS NOT NULL THEN 'pii'
-            END AS first_reason,
-            CASE WHEN missing IS NOT NULL THEN missing WHEN wrong IS NOT NULL THEN wrong
-                 ELSE {pii_kind} END AS reason_detail,
-            parsed AND all_text IS DISTINCT FROM original_text AS redacted
-        FROM shaped
+                WHEN pii IS NOT NULL THEN 'pii'
+            END AS reason,
+            coalesce(missing, wrong, pii) AS reason_detail,
+            {
+        "parsed AND all_text IS DISTINCT FROM array_to_string(original, chr(10))"
+        if contents != "original"
+        else "false"
+    } AS redacted
+        FROM scanned
     )
-    SELECT partition, source_file, record_index, sub_index, record, ingested_at, messages, text, prompt, response,
-        example_hash, redacted,
-        CASE WHEN first_reason IS NULL AND row_number() OVER (
-                PARTITION BY example_hash, first_reason IS NULL ORDER BY record_index, sub_index) > 1
-             THEN 'duplicate' ELSE first_reason END AS reason,
-        CASE WHEN first_reason IN ('missing_field', 'wrong_type', 'pii') THEN reason_detail END AS detail
+    SELECT partition, source_file, record_index, sub_index, ingested_at, messages, text, prompt, response,
+        sha256(coalesce(messages, '') || chr(0) || coalesce(text, '')) AS example_hash, redacted, reason,
+        CASE WHEN reason IN ('missing_field', 'wrong_type', 'pii') THEN reason_detail END AS detail
     FROM judged
     """
+
+
+def _mark_duplicates(con: duckdb.DuckDBPyConnection) -> None:
+    """Of valid rows with the same example hash, all but the first (record, sub-index) become duplicates."""
+    con.execute(
+        """
+        UPDATE classified SET reason = 'duplicate'
+        FROM (
+            SELECT example_hash, min(record_index * 1048576 + sub_index) AS first
+            FROM classified WHERE reason IS NULL GROUP BY example_hash HAVING count(*) > 1
+        ) AS firsts
+        WHERE classified.reason IS NULL AND classified.example_hash = firsts.example_hash
+          AND classified.record_index * 1048576 + classified.sub_index > firsts.first
+        """
+    )
 
 
 def validate_partition(
@@ -425,11 +481,14 @@ def validate_partition(
         "CREATE OR REPLACE TEMP TABLE classified AS " + _classified_sql(pipeline, schema, source, quality),
         {"partition": partition},
     )
+    _mark_duplicates(con)
     if quality.max_tokens is not None:
         if tokenizer is None:
             raise ValueError("quality.max_tokens is set: validate_partition needs the base model's tokenizer")
         _mark_too_many_tokens(con, tokenizer, quality.max_tokens)
     con.execute("BEGIN TRANSACTION")
+    # rows are always read back in an explicit order: letting DuckDB write them in any order is faster
+    con.execute("SET preserve_insertion_order = false")
     try:
         for table in (VALID_TABLE, QUARANTINE_TABLE):
             con.execute(f'DELETE FROM "{pipeline}".{table} WHERE partition = ?', [partition])
@@ -437,21 +496,27 @@ def validate_partition(
             f"""
             INSERT INTO "{pipeline}".{VALID_TABLE}
             SELECT partition, source_file, record_index, sub_index, ?, messages, text, example_hash, ingested_at
-            FROM classified WHERE reason IS NULL ORDER BY record_index, sub_index
+            FROM classified WHERE reason IS NULL
             """,
             [schema],
         )
         con.execute(
             f"""
             INSERT INTO "{pipeline}".{QUARANTINE_TABLE}
-            SELECT partition, source_file, record_index, sub_index, reason, detail, record, now()::TIMESTAMP
-            FROM classified WHERE reason IS NOT NULL ORDER BY record_index, sub_index
-            """
+            SELECT c.partition, c.source_file, c.record_index, c.sub_index, c.reason, c.detail, r.record,
+                   now()::TIMESTAMP
+            FROM classified c JOIN "{pipeline}".{RAW_TABLE} r
+              ON r.partition = $partition AND r.record_index = c.record_index AND r.sub_index = c.sub_index
+            WHERE c.reason IS NOT NULL
+            """,
+            {"partition": partition},
         )
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
         raise
+    finally:
+        con.execute("RESET preserve_insertion_order")
     counts = dict(
         con.execute("SELECT coalesce(reason, 'valid'), count(*) FROM classified GROUP BY 1").fetchall()
     )

@@ -284,3 +284,20 @@ def test_real_datasets_in_their_own_schemas(con):
         assert result.schema == schema
         assert result.raw == records == result.valid + result.quarantined
         assert result.valid >= 0.95 * records
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.parametrize("name", ["roleplay", "conversations", "seed_tasks"])
+def test_example_pipelines_read_the_real_datasets_through_their_yaml_alone(con, name):
+    from loraflow.spec import load_spec
+
+    spec = load_spec(EXAMPLES / f"{name}.yaml")
+    partitions = spec.partitions()
+    assert len(partitions) == 1
+    for key, (path, source) in partitions.items():
+        ingested = ingest_file(con, spec.name, key, path, source)
+        result = validate_partition(con, spec.name, key, source, spec.quality)
+        assert ingested.rows == result.raw == result.valid + result.quarantined
+        assert result.valid >= 0.95 * result.raw
