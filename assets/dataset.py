@@ -9,6 +9,7 @@ from dagster import (
     AssetIn,
     AssetKey,
     DataVersion,
+    Failure,
     MetadataValue,
     Output,
     asset,
@@ -17,6 +18,7 @@ from dagster import (
 from loraflow.base_model import load_tokenizer
 from loraflow.dataset import build_dataset, load_split, sample_view, select_examples
 from loraflow.spec import PipelineSpec
+from loraflow.validate import partitions_over_limit
 from resources import ArtifactStore, Warehouse
 
 
@@ -45,7 +47,15 @@ def build_training_dataset(spec: PipelineSpec):
         context: AssetExecutionContext, base_model: dict, warehouse: Warehouse, store: ArtifactStore
     ) -> Output[dict]:
         with warehouse.connect() as con:
+            rejected = partitions_over_limit(con, spec.name, spec.quality.max_invalid_fraction)
             rows, duplicates = select_examples(con, spec.name)
+        if rejected:
+            # the blocking data check stops its own run; this keeps a later run from training on the file
+            listing = ", ".join(f"{p} ({bad} of {n} rows quarantined)" for p, bad, n in rejected)
+            raise Failure(
+                description=f"source files over quality.max_invalid_fraction "
+                f"({spec.quality.max_invalid_fraction:.0%}): {listing}. Fix or remove them, or raise the limit"
+            )
         if not rows:
             raise ValueError(
                 f"pipeline {spec.name!r} has no validated examples: materialize raw_examples and "

@@ -59,10 +59,19 @@ def hash_cache(files: dict[str, SourceFile]) -> dict[str, dict]:
 
 
 def diff_sources(
-    files: dict[str, SourceFile], partitions: set[str], ingested: dict[str, str]
+    files: dict[str, SourceFile],
+    partitions: set[str],
+    ingested: dict[str, str],
+    rules_changed: set[str] = frozenset(),
 ) -> SourceChanges:
-    """Compare files on disk with the known partitions and the sha256 each partition was ingested from."""
+    """Compare files on disk with the known partitions and the sha256 each partition was ingested from.
+
+    `rules_changed` names partitions validated under other rules than the current ones: they count
+    as changed even when their file is not.
+    """
     added = sorted(k for k in files if k not in partitions)
-    changed = sorted(k for k, f in files.items() if k in partitions and ingested.get(k) != f.sha256)
+    changed = sorted(
+        k for k, f in files.items() if k in partitions and (ingested.get(k) != f.sha256 or k in rules_changed)
+    )
     removed = sorted(partitions - set(files))
     return SourceChanges(added=added, changed=changed, removed=removed)

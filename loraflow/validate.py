@@ -652,3 +652,19 @@ def drop_partition(con: duckdb.DuckDBPyConnection, pipeline: str, partition: str
     ensure_tables(con, pipeline)
     for table in (RAW_TABLE, VALID_TABLE, QUARANTINE_TABLE):
         con.execute(f'DELETE FROM "{pipeline}".{table} WHERE partition = ?', [partition])
+
+
+def partitions_over_limit(
+    con: duckdb.DuckDBPyConnection, pipeline: str, max_invalid_fraction: float
+) -> list[tuple]:
+    """Partitions whose quarantined share is over the limit: (partition, quarantined, raw), worst first."""
+    ensure_tables(con, pipeline)
+    return con.execute(
+        f"""
+        WITH raw AS (SELECT partition, count(*) AS n FROM "{pipeline}".{RAW_TABLE} GROUP BY 1),
+        bad AS (SELECT partition, count(*) AS n FROM "{pipeline}".{QUARANTINE_TABLE} GROUP BY 1)
+        SELECT raw.partition, bad.n, raw.n FROM raw JOIN bad USING (partition)
+        WHERE bad.n > ? * raw.n ORDER BY bad.n / raw.n DESC, 1
+        """,
+        [max_invalid_fraction],
+    ).fetchall()

@@ -22,16 +22,24 @@ from loraflow.sources import SourceChanges, diff_sources, scan_sources
 from loraflow.spec import PipelineSpec, SpecError, load_spec
 from loraflow.validate import drop_partition
 from pipelines.definitions import PROJECT_ROOT, default_home, default_pipelines_dir, pipeline_resources
-from pipelines.sensors import ingested_hashes
+from pipelines.sensors import last_validation
 
 
 def sync_partitions(spec: PipelineSpec, instance: DagsterInstance, resources: dict) -> SourceChanges:
     """Add a partition for each new source file, remove those of deleted files (and their rows), and
-    say which partitions need ingesting: the new ones and those whose file content changed."""
+    say which partitions need ingesting: new ones, those whose file content changed, and those
+    validated under different data or quality rules."""
     name = source_partitions(spec).name
     files = scan_sources(spec)
     known = set(instance.get_dynamic_partitions(name))
-    changes = diff_sources(files, known, ingested_hashes(instance, spec, sorted(known & set(files))))
+    state = last_validation(instance, spec, sorted(known & set(files)))
+    rules = spec.section_version("data", "quality")
+    changes = diff_sources(
+        files,
+        known,
+        ingested={k: v["sha256"] for k, v in state.items() if v["sha256"]},
+        rules_changed={k for k, v in state.items() if v["code_version"] != rules},
+    )
     if changes.added:
         instance.add_dynamic_partitions(name, changes.added)
     for key in changes.removed:

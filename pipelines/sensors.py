@@ -21,17 +21,33 @@ from loraflow.validate import drop_partition
 from resources import Warehouse
 
 
-def ingested_hashes(instance: DagsterInstance, spec: PipelineSpec, partitions: list[str]) -> dict[str, str]:
-    """The file sha256 each partition of raw_examples was last materialized from."""
-    key = AssetKey([spec.name, "raw_examples"])
-    hashes = {}
+def _latest(instance: DagsterInstance, key: AssetKey, partition: str):
+    records = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
+    )
+    return records.records[0].asset_materialization if records.records else None
+
+
+def last_validation(instance: DagsterInstance, spec: PipelineSpec, partitions: list[str]) -> dict[str, dict]:
+    """Per partition that was ingested and validated: the file sha256 it was ingested from (`sha256`)
+    and the code version of the rules it was validated with (`code_version`)."""
+    raw, validated = AssetKey([spec.name, "raw_examples"]), AssetKey([spec.name, "validated_examples"])
+    state = {}
     for partition in partitions:
-        records = instance.fetch_materializations(
-            AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
-        ).records
-        if records and "file_sha256" in records[0].asset_materialization.metadata:
-            hashes[partition] = records[0].asset_materialization.metadata["file_sha256"].value
-    return hashes
+        ingested, checked = _latest(instance, raw, partition), _latest(instance, validated, partition)
+        if ingested is None or checked is None or "file_sha256" not in ingested.metadata:
+            continue
+        state[partition] = {
+            "sha256": ingested.metadata["file_sha256"].value,
+            "code_version": (checked.tags or {}).get("dagster/code_version"),
+        }
+    return state
+
+
+def ingested_hashes(instance: DagsterInstance, spec: PipelineSpec, partitions: list[str]) -> dict[str, str]:
+    """The file sha256 each partition was last ingested and validated from (a partition whose
+    validation never succeeded has none, so it counts as changed)."""
+    return {k: v["sha256"] for k, v in last_validation(instance, spec, partitions).items() if v["sha256"]}
 
 
 def build_source_sensor(spec: PipelineSpec, partitions: DynamicPartitionsDefinition) -> SensorDefinition:

@@ -8,7 +8,8 @@ from dagster import AssetCheckKey, AssetKey, AssetRecordsFilter, instance_for_te
 
 from loraflow.demo_data import write_demo_data
 from loraflow.spec import load_spec
-from pipelines.run import run_pipeline
+from pipelines.definitions import pipeline_resources
+from pipelines.run import run_pipeline, sync_partitions
 
 PIPELINE = """
 data:
@@ -99,6 +100,12 @@ def test_demo_chain_publishes_a_model_that_loads_and_generates(project, tiny_mod
         output = merged.generate(**encoded, max_new_tokens=5, do_sample=False)
     assert output.shape[1] > encoded["input_ids"].shape[1]
 
+    # a second run ingests nothing unless files or rules changed
+    resources = pipeline_resources(home)
+    assert sync_partitions(spec, instance, resources).to_ingest == []
+    stricter = spec.model_copy(update={"quality": spec.quality.model_copy(update={"max_prompt_chars": 500})})
+    assert sync_partitions(stricter, instance, resources).to_ingest == sorted(spec.partitions())
+
     card = (home / "models" / "triage" / outcome["published"]["version"] / "README.md").read_text()
     assert "base_model:" in card and "| eval_loss |" in card
     assert all(str(path) in card for path, _ in spec.partitions().values())
@@ -130,3 +137,11 @@ def test_too_many_invalid_rows_stop_the_run_before_training(project, tiny_model_
     assert "quarantined, over the limit of 5%" in evaluation.description
     assert evaluation.metadata["gx_success"].value is False
     assert instance.get_latest_materialization_event(AssetKey(["triage", "adapter"])) is None
+    # a later run does not train on the rejected file either
+    again = run_pipeline(spec, instance, project / ".loraflow")
+    assert not again["success"] and again["evaluation"] is None
+    failure = next(
+        e for e in instance.all_logs(again["run_id"]) if e.dagster_event and e.dagster_event.is_step_failure
+    )
+    message = failure.dagster_event.step_failure_data.error.message
+    assert "over quality.max_invalid_fraction (5%): data/feedback-2026-11.jsonl (" in message
