@@ -10,6 +10,7 @@ fate, the suite reports how the partition as a whole measures up, with the offen
 The DataFrame contract, one row per raw example candidate:
 
 - `record_index` (int64, never null): the record's line or position in its file.
+- `sub_index` (int, optional, 0 when absent): the element of a record split by `explode`.
 - `prompt` (str or None): the text before the answer.
 - `response` (str or None): the answer text.
 - `example_hash` (str or None): the example's content hash, None when it could not be parsed.
@@ -18,7 +19,7 @@ The DataFrame contract, one row per raw example candidate:
 Rules marked "mostly" below tolerate `quality.max_invalid_fraction` of the rows breaking them, as
 the blocking invalid-fraction check does; provenance rules are exact:
 
-- `record_index` is not null and unique (provenance, exact).
+- `record_index` is not null, and (`record_index`, `sub_index`) is unique (provenance, exact).
 - `reason` is null (`quality.max_invalid_fraction`, mostly).
 - `prompt` / `response` lengths are within 1..`quality.max_prompt_chars` /
   1..`quality.max_response_chars` (mostly).
@@ -51,6 +52,8 @@ COLUMNS: tuple[str, ...] = ("record_index", "prompt", "response", "example_hash"
 """The columns `run_suite` needs, in the order of the contract."""
 
 INDEX_COLUMN = "record_index"
+SUB_INDEX_COLUMN = "sub_index"
+"""Optional: the element of an exploded record (0 when absent); provenance is (record_index, sub_index)."""
 MAX_SAMPLES = 10
 """Most failure samples a SuiteResult keeps (over all failed expectations together)."""
 
@@ -145,9 +148,9 @@ def build_suite(
             column=INDEX_COLUMN,
             **rule("provenance", "every row keeps its record_index (line/position in its file)"),
         ),
-        gxe.ExpectColumnValuesToBeUnique(
-            column=INDEX_COLUMN,
-            **rule("provenance", "no two rows share a record_index"),
+        gxe.ExpectCompoundColumnsToBeUnique(
+            column_list=[INDEX_COLUMN, SUB_INDEX_COLUMN],
+            **rule("provenance", "no two rows share a record_index (and sub_index, for exploded records)"),
         ),
         gxe.ExpectColumnValuesToBeNull(
             column="reason",
@@ -210,6 +213,8 @@ def _conform(frame: pandas.DataFrame) -> pandas.DataFrame:
     """Check the frame against the contract; an empty frame gets any missing columns added."""
     import pandas as pd
 
+    if SUB_INDEX_COLUMN not in frame.columns:  # a source without `explode`: one row per record
+        frame = frame.assign(**{SUB_INDEX_COLUMN: 0})
     missing = [column for column in COLUMNS if column not in frame.columns]
     if not missing:
         return frame
@@ -326,7 +331,7 @@ def run_suite(
             passed += 1
             continue
         config = expectation_result.expectation_config
-        column = str(config.kwargs.get("column", ""))
+        column = str(config.kwargs.get("column") or ",".join(config.kwargs.get("column_list") or []))
         failing.append(f"{config.type}({column})")
         sample_groups.append(_samples_of(config.type, column, dict(expectation_result.result or {})))
 

@@ -619,7 +619,9 @@ def record_schema(con: duckdb.DuckDBPyConnection, pipeline: str, partition: str)
 
 def classified_frame(con: duckdb.DuckDBPyConnection):
     """The rows of the last validate_partition call as a DataFrame for data checks."""
-    return con.execute("SELECT record_index, prompt, response, example_hash, reason FROM classified").df()
+    return con.execute(
+        "SELECT record_index, sub_index, prompt, response, example_hash, reason FROM classified"
+    ).df()
 
 
 def validated_fingerprint(con: duckdb.DuckDBPyConnection, pipeline: str, partition: str) -> str:

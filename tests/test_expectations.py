@@ -181,9 +181,9 @@ def test_duplicate_record_index_fails_provenance_even_with_a_lenient_tolerance()
     result = run_suite(frame, quality, PII_PATTERNS)
 
     assert result.success is False
-    assert result.failing == ["expect_column_values_to_be_unique(record_index)"]
+    assert result.failing == ["expect_compound_columns_to_be_unique(record_index,sub_index)"]
     assert [s["record_index"] for s in result.sample_failures] == [11, 11]
-    assert all(s["value"] == "11" for s in result.sample_failures)
+    assert all("11" in s["value"] for s in result.sample_failures)
 
 
 def test_empty_frame_passes_vacuously_with_every_expectation_evaluated():
@@ -220,12 +220,15 @@ def test_mostly_is_one_minus_max_invalid_fraction(max_invalid_fraction, mostly):
 
     assert mostly_for(quality) == mostly
     suite = build_suite(quality, {})
-    by_rule = {(e.expectation_type, e.column): e for e in suite.expectations}
+    by_rule = {(e.expectation_type, getattr(e, "column", None)): e for e in suite.expectations}
     assert by_rule[("expect_column_values_to_be_null", "reason")].mostly == mostly
     assert by_rule[("expect_column_value_lengths_to_be_between", "prompt")].mostly == mostly
     assert by_rule[("expect_column_values_to_be_unique", "example_hash")].mostly == mostly
     # provenance is exact whatever the tolerance
-    assert by_rule[("expect_column_values_to_be_unique", "record_index")].mostly == 1
+    assert by_rule[("expect_compound_columns_to_be_unique", None)].column_list == [
+        "record_index",
+        "sub_index",
+    ]
     assert by_rule[("expect_column_values_to_not_be_null", "record_index")].mostly == 1
 
 
@@ -268,3 +271,18 @@ def test_sample_failures_are_capped_at_ten_and_cover_each_failed_rule():
     assert len(result.sample_failures) == 10
     assert {s["column"] for s in result.sample_failures} == {"reason", "prompt"}
     assert all(s["record_index"] % 2 == 0 for s in result.sample_failures)
+
+
+def test_exploded_records_share_a_record_index_but_not_a_sub_index():
+    frame = pd.DataFrame(
+        {
+            "record_index": [1, 1, 2],
+            "sub_index": [0, 1, 0],
+            "prompt": ["Antonym of hot?", "Antonym of up?", "Say hi."],
+            "response": ["cold", "down", "hi"],
+            "example_hash": ["a", "b", "c"],
+            "reason": [None, None, None],
+        }
+    )
+    result = run_suite(frame, QualitySpec(pii=PiiSpec(action="off")), {})
+    assert result.success, result.failing

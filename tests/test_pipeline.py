@@ -145,3 +145,28 @@ def test_too_many_invalid_rows_stop_the_run_before_training(project, tiny_model_
     )
     message = failure.dagster_event.step_failure_data.error.message
     assert "over quality.max_invalid_fraction (5%): data/feedback-2026-11.jsonl (" in message
+
+
+def test_a_malformed_file_fails_its_partition_with_the_file_and_where_it_breaks(
+    project, tiny_model_dir, instance
+):
+    (project / "data" / "drop.json").write_text(
+        '[{"instruction": "a", "output": "b"},\n {"instruction": "c",'
+    )
+    path = write_yaml(
+        project / "pipelines",
+        "triage",
+        f"data:\n  sources:\n    - path: data/*.json\nbase_model:\n  source: {tiny_model_dir}\n",
+    )
+    outcome = run_pipeline(load_spec(path), instance, project / ".loraflow")
+    assert outcome == {"success": False, "failed_at": "partition data/drop.json"}
+    failure = next(
+        e
+        for run in instance.get_runs()
+        for e in instance.all_logs(run.run_id)
+        if e.dagster_event and e.dagster_event.is_step_failure
+    )
+    error = failure.dagster_event.step_failure_data.error
+    assert error.cls_name == "Failure"  # a message for people, not a stack trace from inside a library
+    assert "data/drop.json: is not valid JSON at line 2, column" in error.message
+    assert "write one JSON object per line as .jsonl" in error.message
