@@ -13,9 +13,11 @@ ingestion time.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +72,24 @@ def file_type_of(path: Path, source: SourceSpec) -> str:
     return kind
 
 
+@contextlib.contextmanager
+def replacing_rows(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """One transaction for replacing a partition's rows: all of them change, or none.
+
+    Rows are always read back in an explicit order, so DuckDB may write them in any order (faster).
+    """
+    con.execute("BEGIN TRANSACTION")
+    con.execute("SET preserve_insertion_order = false")
+    try:
+        yield
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        con.execute("RESET preserve_insertion_order")
+
+
 def ensure_raw_table(con: duckdb.DuckDBPyConnection, pipeline: str) -> None:
     """Create the pipeline's schema and raw table if missing."""
     con.execute(f'CREATE SCHEMA IF NOT EXISTS "{pipeline}"')
@@ -106,23 +126,16 @@ def ingest_file(
     if blank is None:  # JSON Lines read by DuckDB: blank lines are the lines it did not keep
         blank = lines - con.execute("SELECT count(*) FROM incoming").fetchone()[0]
     records = con.execute("SELECT count(*) FROM incoming").fetchone()[0]
-    con.execute("BEGIN TRANSACTION")
-    # every row carries its record index and is read back in that order: any write order is fine
-    con.execute("SET preserve_insertion_order = false")
     try:
-        con.execute(f'DELETE FROM "{pipeline}".{RAW_TABLE} WHERE partition = ?', [partition])
-        con.execute(
-            f'INSERT INTO "{pipeline}".{RAW_TABLE} ' + _exploded_sql(source.explode),
-            [partition, str(path), digest],
-        )
+        with replacing_rows(con):
+            con.execute(f'DELETE FROM "{pipeline}".{RAW_TABLE} WHERE partition = ?', [partition])
+            con.execute(
+                f'INSERT INTO "{pipeline}".{RAW_TABLE} ' + _exploded_sql(source.explode),
+                [partition, str(path), digest],
+            )
         rows = con.execute(f'SELECT count(*) FROM "{pipeline}".{RAW_TABLE} WHERE partition = ?', [partition])
         rows = rows.fetchone()[0]
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     finally:
-        con.execute("RESET preserve_insertion_order")
         con.execute("DROP TABLE IF EXISTS incoming")
     return IngestResult(
         partition=partition,

@@ -25,6 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 PIPELINE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 BUILTIN_MODELS = ("smollm2-135m-instruct",)
+# DuckDB catalog names of the warehouse file and its built-ins: a schema of the same name is ambiguous.
+RESERVED_NAMES = frozenset(
+    {"warehouse", "main", "memory", "system", "temp", "information_schema", "pg_catalog"}
+)
 
 
 class SpecError(ValueError):
@@ -325,6 +329,11 @@ class PipelineSpec(Section):
         if not PIPELINE_NAME.match(value):
             raise ValueError(
                 f"pipeline name {value!r} must be letters, digits and underscores (rename the YAML file)"
+            )
+        if value.lower() in RESERVED_NAMES:
+            raise ValueError(
+                f"pipeline name {value!r} is taken by the warehouse (its schema would clash with a DuckDB "
+                f"catalog); rename the YAML file (reserved: {', '.join(sorted(RESERVED_NAMES))})"
             )
         return value
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import duckdb
 import pyarrow as pa
 
-from loraflow.ingest import RAW_TABLE, ensure_raw_table
+from loraflow.ingest import RAW_TABLE, ensure_raw_table, replacing_rows
 from loraflow.spec import QualitySpec, SourceSpec
 
 VALID_TABLE = "validated_examples"
@@ -486,10 +486,7 @@ def validate_partition(
         if tokenizer is None:
             raise ValueError("quality.max_tokens is set: validate_partition needs the base model's tokenizer")
         _mark_too_many_tokens(con, tokenizer, quality.max_tokens)
-    con.execute("BEGIN TRANSACTION")
-    # rows are always read back in an explicit order: letting DuckDB write them in any order is faster
-    con.execute("SET preserve_insertion_order = false")
-    try:
+    with replacing_rows(con):
         for table in (VALID_TABLE, QUARANTINE_TABLE):
             con.execute(f'DELETE FROM "{pipeline}".{table} WHERE partition = ?', [partition])
         con.execute(
@@ -511,12 +508,6 @@ def validate_partition(
             """,
             {"partition": partition},
         )
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    finally:
-        con.execute("RESET preserve_insertion_order")
     counts = dict(
         con.execute("SELECT coalesce(reason, 'valid'), count(*) FROM classified GROUP BY 1").fetchall()
     )

@@ -139,3 +139,8 @@ def test_section_versions_change_only_with_their_section(project):
     changed = load_spec(write_yaml(project / "pipelines", "b", MINIMAL + "training:\n  seed: 7\n"))
     assert base.section_version("training") != changed.section_version("training")
     assert base.section_version("data", "quality") == changed.section_version("data", "quality")
+
+
+def test_a_pipeline_cannot_take_the_warehouse_catalogs_name(project):
+    with pytest.raises(SpecError, match="pipeline name 'warehouse' is taken by the warehouse"):
+        load_spec(write_yaml(project / "pipelines", "warehouse", MINIMAL))
