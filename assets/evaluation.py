@@ -13,7 +13,7 @@ from dagster import (
     asset,
 )
 
-from loraflow.artifacts import write_json_atomic
+from loraflow.artifacts import write_json_atomic, write_text_atomic
 from loraflow.evaluate import evaluate_adapter
 from loraflow.spec import PipelineSpec
 from resources import ArtifactStore
@@ -61,10 +61,9 @@ def build_evaluation(spec: PipelineSpec):
             spec.evaluation,
             base_model["trust_remote_code"],
         )
-        report_dir = store.path("reports", spec.name, adapter["version"])
+        report_dir = store.folder("reports", spec.name, adapter["version"])
         markdown = f"# {spec.name}: evaluation\n\n{report.table()}\n\n## Samples\n\n{report.samples()}\n"
-        report_dir.mkdir(parents=True, exist_ok=True)
-        (report_dir / "evaluation.md").write_text(markdown, encoding="utf-8")
+        write_text_atomic(report_dir / "evaluation.md", markdown)
         manifest = {
             "adapter_version": adapter["version"],
             "examples": report.examples,
