@@ -1,0 +1,101 @@
+"""Packing: several examples per row, each attending only to itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraflow.formatting import IGNORE_INDEX
+from loraflow.packing import collate_packed, pack_examples, packing_efficiency
+
+
+def example(length: int, seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 200, (length,), generator=generator).tolist()
+    return {"input_ids": ids, "labels": [IGNORE_INDEX] * (length // 2) + ids[length // 2 :]}
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=200,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def test_packed_logits_equal_each_example_run_alone(tiny_llama):
+    examples = [example(n, seed) for seed, n in enumerate((7, 12, 5, 9, 3, 11))]
+    rows = pack_examples(examples, max_seq_len=24)
+    assert len(rows) < len(examples)
+    batch = collate_packed(rows, pad_id=0)
+    with torch.no_grad():
+        packed = tiny_llama(
+            input_ids=batch["input_ids"],
+            position_ids=batch["position_ids"],
+            attention_mask=batch["attention_mask"],
+        ).logits
+    seen = 0
+    for r, row in enumerate(rows):
+        start = 0
+        for segment in sorted(set(row.segment_ids)):
+            n = row.segment_ids.count(segment)
+            ids = row.input_ids[start : start + n]
+            with torch.no_grad():
+                alone = tiny_llama(input_ids=torch.tensor([ids])).logits[0]
+            torch.testing.assert_close(packed[r, start : start + n], alone, atol=1e-5, rtol=1e-5)
+            start += n
+            seen += 1
+    assert seen == len(examples)
+    assert torch.isfinite(packed).all()  # padding rows attend to themselves: no NaN anywhere
+
+
+def test_position_ids_alone_would_let_examples_see_each_other(tiny_llama):
+    first, second = example(6, 1), example(6, 2)
+    row = pack_examples([first, second], max_seq_len=12)[0]
+    with torch.no_grad():
+        leaky = tiny_llama(
+            input_ids=torch.tensor([row.input_ids]), position_ids=torch.tensor([row.position_ids])
+        ).logits
+        alone = tiny_llama(input_ids=torch.tensor([row.input_ids[6:]])).logits
+    assert (leaky[0, 6:] - alone[0]).abs().max() > 1e-3
+
+
+def test_examples_are_never_split_and_boundaries_are_not_trained():
+    examples = [example(n, n) for n in (10, 10, 10, 4)]
+    rows = pack_examples(examples, max_seq_len=16)
+    assert sorted(sorted(r.segment_ids.count(s) for s in set(r.segment_ids)) for r in rows) == [
+        [4, 10],
+        [10],
+        [10],
+    ]
+    for row in rows:
+        starts = [i for i, p in enumerate(row.position_ids) if p == 0]
+        assert all(row.labels[i] == IGNORE_INDEX for i in starts)
+    assert packing_efficiency(rows, 16) == pytest.approx(34 / 48)
+    with pytest.raises(ValueError, match="more than max_seq_len 8"):
+        pack_examples([example(9, 0)], max_seq_len=8)
+
+
+def test_packed_loss_equals_the_token_weighted_loss_of_the_examples(tiny_llama):
+    examples = [example(n, seed) for seed, n in enumerate((8, 6, 10))]
+    batch = collate_packed(pack_examples(examples, max_seq_len=24), pad_id=0)
+    with torch.no_grad():
+        packed_loss = tiny_llama(**batch).loss
+        total, tokens = 0.0, 0
+        for ex in examples:
+            labels = torch.tensor([ex["labels"]])
+            n = int((labels[:, 1:] != IGNORE_INDEX).sum())
+            total += float(tiny_llama(input_ids=torch.tensor([ex["input_ids"]]), labels=labels).loss) * n
+            tokens += n
+    assert float(packed_loss) == pytest.approx(total / tokens, abs=1e-5)
