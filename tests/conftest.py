@@ -35,21 +35,30 @@ def tokenizer(builtin_model):
     return load_tokenizer(builtin_model.path)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
-    """A two-layer Llama with the real SmolLM2 tokenizer and chat template, random weights."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(vocab_size: int, **overrides):
+    """A two-layer Llama config small enough to train in seconds on a CPU."""
+    from transformers import LlamaConfig
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    shape = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
+    )
+    return LlamaConfig(vocab_size=vocab_size, **{**shape, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A two-layer Llama with the real SmolLM2 tokenizer and chat template, random weights."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = tiny_llama_config(
+        vocab_size=len(tokenizer),
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_llama_config
 
 from loraflow.formatting import IGNORE_INDEX
 from loraflow.packing import collate_packed, pack_examples, packing_efficiency
@@ -17,19 +18,10 @@ def example(length: int, seed: int) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=200,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=200)).eval()
     model.config._attn_implementation = "sdpa"
     return model
 
