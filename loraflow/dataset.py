@@ -100,7 +100,7 @@ def build_dataset(
     for i, row in enumerate(rows, 1):
         if row["messages"] is not None:
             messages = with_system_prompt(json.loads(row["messages"]), fmt.system_prompt)
-            example = tokenize_with_mask(tokenizer, messages)
+            example = tokenize_with_mask(tokenizer, messages, fmt.train_turns, fmt.train_on_inputs)
         else:
             messages = None
             example = tokenize_completion(tokenizer, row["text"])

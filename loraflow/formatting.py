@@ -74,9 +74,19 @@ def tokenize_completion(tokenizer, text: str) -> TokenizedExample:
     return TokenizedExample(input_ids=ids, labels=list(ids))
 
 
-def tokenize_with_mask(tokenizer, messages: list[dict]) -> TokenizedExample:
-    """Token ids of the rendered conversation; labels are the ids on assistant spans, else IGNORE_INDEX."""
+def tokenize_with_mask(
+    tokenizer, messages: list[dict], train_turns: str = "all", train_on_inputs: bool = False
+) -> TokenizedExample:
+    """Token ids of the rendered conversation; labels are the ids on trained spans, else IGNORE_INDEX.
+
+    Trained spans: every assistant answer (`train_turns="all"`), only the last (`"last"`), or the
+    whole text (`train_on_inputs=True`).
+    """
     text, spans = assistant_spans(tokenizer, messages)
+    if train_on_inputs:
+        spans = [(0, len(text))]
+    elif train_turns == "last":
+        spans = spans[-1:]
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
     labels = []

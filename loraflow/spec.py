@@ -130,6 +130,22 @@ class FormatSpec(Section):
     """Share of examples held out for evaluation. The split is decided by each example's content
     hash, so adding data never moves an existing example between train and eval."""
 
+    train_turns: Literal["all", "last"] = "all"
+    """Which assistant turns of a conversation carry labels: `all`, or only the `last` (earlier
+    answers are then context only). Each trained turn includes its end-of-turn token."""
+
+    train_on_inputs: bool = False
+    """Train every token, prompts and template markup included. Off (the usual choice): only the
+    assistant's answers are trained, so the model is not taught to write the user's side."""
+
+    @model_validator(mode="after")
+    def _turns_matter_only_without_inputs(self) -> FormatSpec:
+        if self.train_on_inputs and self.train_turns != "all":
+            raise ValueError(
+                "train_turns: last has no effect with train_on_inputs: true (every token is trained)"
+            )
+        return self
+
 
 class BaseModelSpec(Section):
     source: str = "smollm2-135m-instruct"

@@ -106,3 +106,26 @@ def test_overlong_examples_are_dropped_and_counted(tokenizer, tmp_path):
     summary = build_dataset(rows, tokenizer, FormatSpec(max_seq_len=64), "base", tmp_path)
     assert summary.dropped_too_long == 1
     assert summary.train_examples + summary.eval_examples == 4
+
+
+def trained_text(tokenizer, example) -> str:
+    return tokenizer.decode(
+        [t for t, label in zip(example.input_ids, example.labels, strict=True) if label != -100]
+    )
+
+
+def test_last_turn_mode_trains_only_the_final_answer(tokenizer):
+    messages = conversation("Hi", "Hello.") + conversation("Bye", "Goodbye.")
+    example = tokenize_with_mask(tokenizer, messages, train_turns="last")
+    assert trained_text(tokenizer, example) == "Goodbye.<|im_end|>"
+
+
+def test_train_on_inputs_trains_every_token(tokenizer):
+    example = tokenize_with_mask(tokenizer, conversation("Hi", "Hello."), train_on_inputs=True)
+    assert example.labels == example.input_ids
+
+
+def test_turn_modes_change_the_dataset_version(tokenizer, tmp_path):
+    plain = build_dataset(_rows(10), tokenizer, FormatSpec(), "base", tmp_path)
+    last = build_dataset(_rows(10), tokenizer, FormatSpec(train_turns="last"), "base", tmp_path)
+    assert plain.version != last.version

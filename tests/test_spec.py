@@ -144,3 +144,9 @@ def test_section_versions_change_only_with_their_section(project):
 def test_a_pipeline_cannot_take_the_warehouse_catalogs_name(project):
     with pytest.raises(SpecError, match="pipeline name 'warehouse' is taken by the warehouse"):
         load_spec(write_yaml(project / "pipelines", "warehouse", MINIMAL))
+
+
+def test_last_turn_mode_with_train_on_inputs_is_a_contradiction(project):
+    text = MINIMAL + "format:\n  train_turns: last\n  train_on_inputs: true\n"
+    with pytest.raises(SpecError, match=r"format \(line 4\): train_turns: last has no effect with train_on_inputs"):
+        load_spec(write_yaml(project / "pipelines", "triage", text))
