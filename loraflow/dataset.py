@@ -19,13 +19,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from loraflow.artifacts import atomic_dir, write_json_atomic
-from loraflow.formatting import tokenize_completion, tokenize_with_mask, with_system_prompt
+from loraflow.formatting import tokenize_completion, tokenize_conversations, with_system_prompt
 from loraflow.spec import FormatSpec
 from loraflow.validate import CROSS_DUPLICATES_VIEW, EXAMPLES_VIEW, ensure_tables
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "eval")
+TOKENIZE_BATCH = 1000
 
 
 def is_eval(example_hash: str, eval_fraction: float) -> bool:
@@ -97,33 +98,45 @@ def build_dataset(
     started = time.perf_counter()
     records: dict[str, list[dict]] = {split: [] for split in SPLITS}
     too_long = 0
-    for i, row in enumerate(rows, 1):
-        if row["messages"] is not None:
-            messages = with_system_prompt(json.loads(row["messages"]), fmt.system_prompt)
-            example = tokenize_with_mask(tokenizer, messages, fmt.train_turns, fmt.train_on_inputs)
-        else:
-            messages = None
-            example = tokenize_completion(tokenizer, row["text"])
-        if len(example.input_ids) > fmt.max_seq_len:
-            too_long += 1
-            continue
-        split = "eval" if is_eval(row["example_hash"], fmt.eval_fraction) else "train"
-        records[split].append(
-            {
-                "example_hash": row["example_hash"],
-                "source_file": row["source_file"],
-                "record_index": row["record_index"],
-                "sub_index": row["sub_index"],
-                "messages": json.dumps(messages, ensure_ascii=False) if messages is not None else None,
-                "text": row["text"],
-                "input_ids": example.input_ids,
-                "labels": example.labels,
-                "num_tokens": len(example.input_ids),
-                "trainable_tokens": example.trainable_tokens,
-            }
+    for start in range(0, len(rows), TOKENIZE_BATCH):
+        chunk = rows[start : start + TOKENIZE_BATCH]
+        conversations = {
+            i: with_system_prompt(json.loads(row["messages"]), fmt.system_prompt)
+            for i, row in enumerate(chunk)
+            if row["messages"] is not None
+        }
+        tokenized = dict(
+            zip(
+                conversations,
+                tokenize_conversations(
+                    tokenizer, list(conversations.values()), fmt.train_turns, fmt.train_on_inputs
+                ),
+                strict=True,
+            )
         )
-        if i % 1000 == 0:
-            log.info("tokenized %d/%d examples (%.0f/s)", i, len(rows), i / (time.perf_counter() - started))
+        for i, row in enumerate(chunk):
+            example = tokenized[i] if i in tokenized else tokenize_completion(tokenizer, row["text"])
+            if len(example.input_ids) > fmt.max_seq_len:
+                too_long += 1
+                continue
+            split = "eval" if is_eval(row["example_hash"], fmt.eval_fraction) else "train"
+            messages = conversations.get(i)
+            records[split].append(
+                {
+                    "example_hash": row["example_hash"],
+                    "source_file": row["source_file"],
+                    "record_index": row["record_index"],
+                    "sub_index": row["sub_index"],
+                    "messages": json.dumps(messages, ensure_ascii=False) if messages is not None else None,
+                    "text": row["text"],
+                    "input_ids": example.input_ids,
+                    "labels": example.labels,
+                    "num_tokens": len(example.input_ids),
+                    "trainable_tokens": example.trainable_tokens,
+                }
+            )
+        done = start + len(chunk)
+        log.info("tokenized %d/%d examples (%.0f/s)", done, len(rows), done / (time.perf_counter() - started))
 
     lengths = [r["num_tokens"] for split in SPLITS for r in records[split]]
     train = records["train"]

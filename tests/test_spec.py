@@ -148,5 +148,7 @@ def test_a_pipeline_cannot_take_the_warehouse_catalogs_name(project):
 
 def test_last_turn_mode_with_train_on_inputs_is_a_contradiction(project):
     text = MINIMAL + "format:\n  train_turns: last\n  train_on_inputs: true\n"
-    with pytest.raises(SpecError, match=r"format \(line 4\): train_turns: last has no effect with train_on_inputs"):
+    with pytest.raises(
+        SpecError, match=r"format \(line 4\): train_turns: last has no effect with train_on_inputs"
+    ):
         load_spec(write_yaml(project / "pipelines", "triage", text))
