@@ -343,7 +343,7 @@ def _classified_sql(pipeline: str, schema: str, source: SourceSpec, quality: Qua
         else "false"
     )
     if schema == "completion":
-        prompt, response = "''", "contents[1]"
+        prompt, response = "NULL::VARCHAR", "contents[1]"  # no prompt: the data checks skip it
         empty_prompt, empty_response = "false", "coalesce(contents[1], '') = ''"
     elif schema == "alpaca":
         prompt, response = "contents[1]", "contents[2]"
