@@ -47,7 +47,7 @@ def build_adapter(spec: PipelineSpec):
             adapter_dir,
             base_model["trust_remote_code"],
         )
-        weights_hash = folder_sha256(adapter_dir, (".safetensors",))
+        weights_hash = folder_sha256(adapter_dir, include=lambda file: file.suffix == ".safetensors")
         manifest = {
             "version": version,
             "path": str(adapter_dir),

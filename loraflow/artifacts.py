@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +69,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def folder_sha256(path: Path, suffixes: tuple[str, ...] = ()) -> str:
-    """sha256 over the names and bytes of a folder's files (optionally only some suffixes)."""
+def folder_sha256(path: Path, include: Callable[[Path], bool] = lambda file: True) -> str:
+    """sha256 over the relative names and sha256s of a folder's files (those `include` accepts), in name order."""
     digest = hashlib.sha256()
-    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
-        if suffixes and file.suffix not in suffixes:
-            continue
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file() and include(p)):
         digest.update(str(file.relative_to(path)).encode() + b"\0" + file_sha256(file).encode())
     return digest.hexdigest()

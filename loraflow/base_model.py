@@ -9,7 +9,6 @@ Three kinds of source:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from loraflow.artifacts import atomic_dir
+from loraflow.artifacts import atomic_dir, folder_sha256
 from loraflow.spec import BUILTIN_MODELS, BaseModelSpec, QuantizationSpec
 
 log = logging.getLogger(__name__)
@@ -30,7 +29,6 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tik
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The hub id of the same model, named in model cards.
 BUILTIN_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-BUF = 1 << 20
 
 
 class BaseModelError(RuntimeError):
@@ -93,20 +91,12 @@ def check_model_folder(path: Path, source: str) -> None:
 
 
 def model_content_hash(path: Path) -> str:
-    """sha256 over the weights, config and tokenizer files of a model folder, in name order."""
-    names = sorted(
-        p.name
-        for p in path.iterdir()
-        if p.is_file()
-        and (p.suffix == ".safetensors" or p.name.startswith("tokenizer") or p.name in HASHED_FILES)
-    )
-    digest = hashlib.sha256()
-    for name in names:
-        digest.update(name.encode() + b"\0")
-        with open(path / name, "rb") as handle:
-            while chunk := handle.read(BUF):
-                digest.update(chunk)
-    return digest.hexdigest()
+    """sha256 over the weights, config and tokenizer files of a model folder."""
+    return folder_sha256(path, include=_hashed)
+
+
+def _hashed(file: Path) -> bool:
+    return file.suffix == ".safetensors" or file.name.startswith("tokenizer") or file.name in HASHED_FILES
 
 
 def _builtin_folder(target: Path) -> Path:

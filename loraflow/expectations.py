@@ -157,25 +157,18 @@ def build_suite(
             mostly=mostly,
             **rule("quality.max_invalid_fraction", f"rows are not quarantined; {tolerance}"),
         ),
-        gxe.ExpectColumnValueLengthsToBeBetween(
-            column="prompt",
-            min_value=1,
-            max_value=quality.max_prompt_chars,
-            mostly=mostly,
-            **rule(
-                "quality.max_prompt_chars",
-                f"prompt is 1-{quality.max_prompt_chars} characters; {tolerance}",
-            ),
-        ),
-        gxe.ExpectColumnValueLengthsToBeBetween(
-            column="response",
-            min_value=1,
-            max_value=quality.max_response_chars,
-            mostly=mostly,
-            **rule(
-                "quality.max_response_chars",
-                f"response is 1-{quality.max_response_chars} characters; {tolerance}",
-            ),
+        *(
+            gxe.ExpectColumnValueLengthsToBeBetween(
+                column=column,
+                min_value=1,
+                max_value=limit,
+                mostly=mostly,
+                **rule(f"quality.max_{column}_chars", f"{column} is 1-{limit} characters; {tolerance}"),
+            )
+            for column, limit in (
+                ("prompt", quality.max_prompt_chars),
+                ("response", quality.max_response_chars),
+            )
         ),
         gxe.ExpectColumnValuesToBeUnique(
             column="example_hash",

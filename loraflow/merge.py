@@ -82,9 +82,3 @@ def _point_latest(models_dir: Path, version: str) -> None:
     tmp = models_dir / f".{LATEST}.tmp"
     tmp.write_text(version + "\n")
     tmp.replace(models_dir / LATEST)
-
-
-def latest_version(models_dir: Path) -> str | None:
-    """The version `latest` names, if any."""
-    pointer = Path(models_dir) / LATEST
-    return pointer.read_text().strip() if pointer.is_file() else None

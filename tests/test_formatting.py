@@ -55,7 +55,8 @@ def test_split_is_decided_by_content_hash_alone():
     hashes = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(400)]
     held_out = {h for h in hashes if is_eval(h, 0.25)}
     assert 60 < len(held_out) < 140  # about a quarter
-    assert held_out == {h for h in hashes if is_eval(h, 0.25)}  # deterministic
+    # a larger fraction only adds examples to the held-out set: none moves back into training
+    assert held_out <= {h for h in hashes if is_eval(h, 0.4)}
 
 
 def _rows(n: int, start: int = 0) -> list[dict]:
