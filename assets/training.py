@@ -13,6 +13,12 @@ from resources import ArtifactStore, Trainer
 GPU_POOL = "gpu"
 
 
+def training_code_version(spec: PipelineSpec) -> str:
+    """The training section plus the format settings that shape batches (packing, row length)."""
+    batching = json.dumps([spec.format.packing, spec.format.max_seq_len])
+    return hashlib.sha256((spec.section_version("training") + batching).encode()).hexdigest()[:16]
+
+
 def build_adapter(spec: PipelineSpec):
     @asset(
         key=AssetKey([spec.name, "adapter"]),
@@ -23,7 +29,7 @@ def build_adapter(spec: PipelineSpec):
             "training_dataset": AssetIn(AssetKey([spec.name, "training_dataset"])),
             "base_model": AssetIn(AssetKey([spec.name, "base_model"])),
         },
-        code_version=spec.section_version("training"),
+        code_version=training_code_version(spec),
         description=f"A {spec.training.method.upper()} adapter (r={spec.training.lora.r}) trained on the "
         "training split; safetensors in the artifact store.",
     )
@@ -34,8 +40,14 @@ def build_adapter(spec: PipelineSpec):
         store: ArtifactStore,
         trainer: Trainer,
     ) -> Output[dict]:
+        pack_to = spec.format.max_seq_len if spec.format.packing else None
         run_key = json.dumps(
-            [training_dataset["version"], base_model["content_hash"], spec.training.model_dump(mode="json")],
+            [
+                training_dataset["version"],
+                base_model["content_hash"],
+                spec.training.model_dump(mode="json"),
+                pack_to,
+            ],
             sort_keys=True,
         )
         version = hashlib.sha256(run_key.encode()).hexdigest()[:16]
@@ -46,6 +58,7 @@ def build_adapter(spec: PipelineSpec):
             Path(training_dataset["path"]),
             adapter_dir,
             base_model["trust_remote_code"],
+            pack_to,
         )
         weights_hash = folder_sha256(adapter_dir, include=lambda file: file.suffix == ".safetensors")
         manifest = {
@@ -70,6 +83,12 @@ def build_adapter(spec: PipelineSpec):
                 "peak_memory_mb": result.peak_memory_mb,
                 "trainable_params": result.trainable_params,
                 "trainable_percent": round(result.trainable_percent, 4),
+                "packing": spec.format.packing,
+                **(
+                    {"packing_efficiency": result.packing_efficiency}
+                    if result.packing_efficiency is not None
+                    else {}
+                ),
                 "loss_curve": MetadataValue.md("| step | loss |\n|---|---|\n" + curve),
             },
         )

@@ -163,6 +163,26 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+TOKENIZER_FILES = frozenset(
+    {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.model",
+        "chat_template.jinja",
+        "chat_template.json",
+    }
+)
+
+
+def tokenizer_hash(folder: Path) -> str:
+    """sha256 of a model folder's tokenizer files only: new weights with the same tokenizer keep it."""
+    return folder_sha256(Path(folder), include=lambda file: file.name in TOKENIZER_FILES)
+
+
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     """The model's tokenizer; it must be a fast one (token offsets drive the loss mask)."""
     from transformers import AutoTokenizer
@@ -181,6 +201,7 @@ def load_causal_lm(
     dtype: str = "float32",
     quantization: QuantizationSpec | None = None,
     trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
 ):
     """Load a causal LM from safetensors, optionally with a 4-bit (bitsandbytes) frozen base."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -199,7 +220,7 @@ def load_causal_lm(
         dtype=torch_dtype(dtype),
         use_safetensors=True,
         trust_remote_code=trust_remote_code,
-        attn_implementation="sdpa",
+        attn_implementation=attn_implementation,
         **kwargs,
     )
     return model

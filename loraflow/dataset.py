@@ -1,8 +1,11 @@
 """The training dataset: validated examples formatted, tokenized with loss masks and split.
 
-The dataset is content-addressed: its version hashes the example hashes, the tokenizer and
-template (through the base model's content hash), and the formatting settings. A version that
-already exists in the store is reused as is, with no retokenizing.
+The dataset is content-addressed: its version hashes the example hashes (and the split each
+source asks for), the tokenizer files, the chat template and the formatting settings. A version
+that already exists in the store is reused as is, with no retokenizing.
+
+A dataset folder holds `train.parquet`, `eval.parquet`, `chat_template.jinja` (the template every
+later stage renders with) and `summary.json` (counts and token statistics).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import duckdb
@@ -19,19 +22,57 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from loraflow.artifacts import atomic_dir, write_json_atomic
-from loraflow.formatting import tokenize_completion, tokenize_conversations, with_system_prompt
+from loraflow.base_model import load_tokenizer
+from loraflow.formatting import (
+    IGNORE_INDEX,
+    TokenizedExample,
+    tokenize_completion,
+    tokenize_conversations,
+    with_system_prompt,
+)
+from loraflow.packing import planned_efficiency
 from loraflow.spec import FormatSpec
+from loraflow.templates import end_of_turn, using_template
 from loraflow.validate import CROSS_DUPLICATES_VIEW, EXAMPLES_VIEW, ensure_tables
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "eval")
 TOKENIZE_BATCH = 1000
+TEMPLATE_FILE = "chat_template.jinja"
+SUMMARY_FILE = "summary.json"
+LAYOUT = "2"
+"""Bumped whenever the stored layout changes, so a dataset written by older code is never reused."""
+# settings that shape training batches but not the stored tokens: changing them reuses the dataset
+_BATCHING_ONLY = {"packing"}
+
+
+class DatasetError(ValueError):
+    """Examples that cannot become a training set under the pipeline's format settings."""
 
 
 def is_eval(example_hash: str, eval_fraction: float) -> bool:
-    """Whether an example is held out: decided by its content hash alone, so it never moves."""
+    """Whether an example is held out at a fraction: decided by its content hash alone, so it never moves."""
     return int(example_hash[:16], 16) / 2**64 < eval_fraction
+
+
+def assign_splits(
+    rows: list[dict], eval_size: float | int, roles: dict[str, str] | None = None
+) -> dict[str, str]:
+    """example_hash -> "train" or "eval".
+
+    `roles` maps a row's partition to its source's `split` (auto, train or eval; auto when absent).
+    With any eval source, the eval set is exactly those sources' examples. Otherwise auto rows are
+    held out by hash: below the fraction, or the `eval_size` lowest hashes for a count.
+    """
+    roles = roles or {}
+    role = {row["example_hash"]: roles.get(row["partition"], "auto") for row in rows}
+    if "eval" in role.values():
+        return {h: "eval" if r == "eval" else "train" for h, r in role.items()}
+    if isinstance(eval_size, float):
+        return {h: "eval" if r == "auto" and is_eval(h, eval_size) else "train" for h, r in role.items()}
+    held_out = set(sorted(h for h, r in role.items() if r == "auto")[:eval_size])
+    return {h: "eval" if h in held_out else "train" for h in role}
 
 
 def select_examples(con: duckdb.DuckDBPyConnection, pipeline: str) -> tuple[list[dict], int]:
@@ -49,31 +90,47 @@ def select_examples(con: duckdb.DuckDBPyConnection, pipeline: str) -> tuple[list
     return [dict(zip(columns, row, strict=True)) for row in rows], int(dropped)
 
 
-def dataset_version(
-    example_hashes: list[str], base_model_hash: str, chat_template: str, fmt: FormatSpec
-) -> str:
-    """Content hash of everything that decides the tokenized dataset."""
+def dataset_version(splits: dict[str, str], tokenizer_hash: str, chat_template: str, fmt: FormatSpec) -> str:
+    """Content hash of everything that decides the stored dataset: each example hash with its split,
+    the tokenizer files, the template and the formatting settings (those that shape tokens)."""
+    settings = fmt.model_dump(mode="json", exclude=_BATCHING_ONLY)
     digest = hashlib.sha256()
-    for part in (base_model_hash, chat_template, json.dumps(fmt.model_dump(mode="json"), sort_keys=True)):
+    for part in (LAYOUT, tokenizer_hash, chat_template, json.dumps(settings, sort_keys=True)):
         digest.update(part.encode() + b"\0")
-    for example_hash in sorted(example_hashes):
-        digest.update(example_hash.encode())
+    for example_hash in sorted(splits):
+        digest.update(f"{example_hash}:{splits[example_hash]}".encode())
     return digest.hexdigest()[:20]
+
+
+def percentile(sorted_values: list[int], q: float) -> int:
+    """The nearest-rank percentile of already sorted values (0 for none)."""
+    if not sorted_values:
+        return 0
+    rank = max(1, -(-len(sorted_values) * q // 100))  # ceil without floats going astray
+    return sorted_values[int(rank) - 1]
 
 
 @dataclass(frozen=True)
 class DatasetSummary:
     version: str
     path: str
+    chat_template_source: str
+    end_of_turn: str
     train_examples: int
     eval_examples: int
+    truncated: int
     dropped_too_long: int
+    dropped_untrainable_after_truncation: int
     duplicates_dropped: int
     train_tokens: int
     trainable_tokens: int
-    max_tokens: int
-    mean_tokens: float
-    reused: bool
+    examples_without_trained_tokens: int
+    examples_without_trained_end: int
+    token_percentiles: dict[str, int] = field(default_factory=dict)
+    mean_tokens: float = 0.0
+    packing_efficiency: float = 0.0
+    """Real tokens over row tokens if the train split were packed into rows of max_seq_len."""
+    reused: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -83,21 +140,33 @@ def build_dataset(
     rows: list[dict],
     tokenizer,
     fmt: FormatSpec,
-    base_model_hash: str,
+    chat_template: str,
+    tokenizer_hash: str,
     datasets_dir: Path,
     duplicates_dropped: int = 0,
+    roles: dict[str, str] | None = None,
+    template_source: str = "given",
 ) -> DatasetSummary:
-    """Format, tokenize and split `rows` into `<datasets_dir>/<version>/`, or reuse that version."""
-    chat_template = tokenizer.chat_template or ""
-    version = dataset_version([r["example_hash"] for r in rows], base_model_hash, chat_template, fmt)
+    """Format, tokenize and split `rows` with `chat_template` into `<datasets_dir>/<version>/`, or
+    reuse that version when it exists."""
+    splits = assign_splits(rows, fmt.eval_size, roles)
+    version = dataset_version(splits, tokenizer_hash, chat_template, fmt)
     target = Path(datasets_dir) / version
-    if (target / "summary.json").is_file():
-        summary = json.loads((target / "summary.json").read_text())
-        return DatasetSummary(**{**summary, "reused": True})
+    if (target / SUMMARY_FILE).is_file():
+        summary = json.loads((target / SUMMARY_FILE).read_text())
+        return DatasetSummary(**{**summary, "path": str(target), "reused": True})
+    with using_template(tokenizer, chat_template):
+        return _build(
+            rows, splits, tokenizer, fmt, chat_template, template_source, version, target, duplicates_dropped
+        )
 
+
+def _build(rows, splits, tokenizer, fmt, chat_template, template_source, version, target, duplicates_dropped):
     started = time.perf_counter()
+    marker, eot_id = end_of_turn(tokenizer)
     records: dict[str, list[dict]] = {split: [] for split in SPLITS}
-    too_long = 0
+    too_long: list[dict] = []
+    counts = {"truncated": 0, "dropped_too_long": 0, "dropped_untrainable_after_truncation": 0}
     for start in range(0, len(rows), TOKENIZE_BATCH):
         chunk = rows[start : start + TOKENIZE_BATCH]
         conversations = {
@@ -116,12 +185,23 @@ def build_dataset(
         )
         for i, row in enumerate(chunk):
             example = tokenized[i] if i in tokenized else tokenize_completion(tokenizer, row["text"])
-            if len(example.input_ids) > fmt.max_seq_len:
-                too_long += 1
-                continue
-            split = "eval" if is_eval(row["example_hash"], fmt.eval_fraction) else "train"
             messages = conversations.get(i)
-            records[split].append(
+            end_trained = _end_trained(example, messages, fmt, eot_id, tokenizer.eos_token_id)
+            truncated = False
+            if len(example.input_ids) > fmt.max_seq_len:
+                too_long.append({**row, "num_tokens": len(example.input_ids)})
+                if fmt.overlong in ("drop", "error"):
+                    counts["dropped_too_long"] += 1
+                    continue
+                example = TokenizedExample(
+                    input_ids=example.input_ids[: fmt.max_seq_len], labels=example.labels[: fmt.max_seq_len]
+                )
+                if example.trainable_tokens == 0:
+                    counts["dropped_untrainable_after_truncation"] += 1
+                    continue
+                counts["truncated"] += 1
+                truncated = True
+            records[splits[row["example_hash"]]].append(
                 {
                     "example_hash": row["example_hash"],
                     "source_file": row["source_file"],
@@ -133,31 +213,49 @@ def build_dataset(
                     "labels": example.labels,
                     "num_tokens": len(example.input_ids),
                     "trainable_tokens": example.trainable_tokens,
+                    "truncated": truncated,
+                    "end_trained": end_trained and not truncated,
                 }
             )
         done = start + len(chunk)
         log.info("tokenized %d/%d examples (%.0f/s)", done, len(rows), done / (time.perf_counter() - started))
 
-    lengths = [r["num_tokens"] for split in SPLITS for r in records[split]]
+    if too_long and fmt.overlong == "error":
+        worst = sorted(too_long, key=lambda r: -r["num_tokens"])[:10]
+        listing = "; ".join(
+            f"{r['source_file']} record {r['record_index']} ({r['num_tokens']} tokens)" for r in worst
+        )
+        raise DatasetError(
+            f"{len(too_long)} example(s) are longer than format.max_seq_len ({fmt.max_seq_len} tokens), and "
+            f"format.overlong is 'error': {listing}. Raise max_seq_len, shorten or remove those records, or "
+            "set format.overlong to drop or truncate"
+        )
+
+    kept = [r for split in SPLITS for r in records[split]]
+    lengths = sorted(r["num_tokens"] for r in kept)
     train = records["train"]
     summary = DatasetSummary(
         version=version,
         path=str(target),
+        chat_template_source=template_source,
+        end_of_turn=marker,
         train_examples=len(train),
         eval_examples=len(records["eval"]),
-        dropped_too_long=too_long,
         duplicates_dropped=duplicates_dropped,
         train_tokens=sum(r["num_tokens"] for r in train),
         trainable_tokens=sum(r["trainable_tokens"] for r in train),
-        max_tokens=max(lengths, default=0),
+        examples_without_trained_tokens=sum(r["trainable_tokens"] == 0 for r in kept),
+        examples_without_trained_end=sum(not r["end_trained"] and not r["truncated"] for r in kept),
+        token_percentiles={f"p{q}": percentile(lengths, q) for q in (50, 90, 95, 99, 100)},
         mean_tokens=round(sum(lengths) / len(lengths), 1) if lengths else 0.0,
-        reused=False,
+        packing_efficiency=round(planned_efficiency([r["num_tokens"] for r in train], fmt.max_seq_len), 4),
+        **counts,
     )
     with atomic_dir(target) as tmp:
         for split in SPLITS:
             pq.write_table(_to_table(records[split]), tmp / f"{split}.parquet")
-        (tmp / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
-        write_json_atomic(tmp / "summary.json", {**summary.to_json(), "path": str(target)})
+        (tmp / TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
+        write_json_atomic(tmp / SUMMARY_FILE, summary.to_json())
     log.info(
         "dataset %s: %d train / %d eval examples, %d tokens in %.1fs",
         version,
@@ -167,6 +265,19 @@ def build_dataset(
         time.perf_counter() - started,
     )
     return summary
+
+
+def _end_trained(
+    example: TokenizedExample, messages, fmt: FormatSpec, eot_id: int | None, eos_id: int
+) -> bool:
+    """Whether every trained turn's end-of-turn token carries a label (the text's eos for a completion)."""
+    if messages is None:
+        return bool(example.labels) and example.labels[-1] == eos_id
+    if eot_id is None:
+        return False
+    answers = sum(m["role"] == "assistant" for m in messages)
+    turns = 1 if fmt.train_turns == "last" and not fmt.train_on_inputs else answers
+    return sum(label == eot_id for label in example.labels) >= turns
 
 
 _SCHEMA = pa.schema(
@@ -181,6 +292,8 @@ _SCHEMA = pa.schema(
         ("labels", pa.list_(pa.int32())),
         ("num_tokens", pa.int32()),
         ("trainable_tokens", pa.int32()),
+        ("truncated", pa.bool_()),
+        ("end_trained", pa.bool_()),
     ]
 )
 
@@ -197,15 +310,50 @@ def load_split(dataset_dir: Path, split: str) -> list[dict]:
     return rows
 
 
-def sample_view(tokenizer, row: dict) -> str:
-    """The rendered text of one example with trained spans marked [[like this]], for reading."""
-    pieces, current = [], None
-    for token_id, label in zip(row["input_ids"], row["labels"], strict=True):
-        trained = label != -100
-        if trained != current:
-            pieces.append("[[" if trained else ("]]" if current else ""))
-            current = trained
-        pieces.append(tokenizer.decode([token_id]))
-    if current:
-        pieces.append("]]")
+def stored_template(dataset_dir: Path) -> str:
+    """The chat template a dataset was rendered with."""
+    return (Path(dataset_dir) / TEMPLATE_FILE).read_text(encoding="utf-8")
+
+
+def dataset_tokenizer(base_model_dir: Path, dataset_dir: Path, trust_remote_code: bool = False):
+    """The base model's tokenizer carrying the dataset's chat template: what training, evaluation and
+    serving must all render with."""
+    tokenizer = load_tokenizer(base_model_dir, trust_remote_code)
+    tokenizer.chat_template = stored_template(dataset_dir)
+    return tokenizer
+
+
+def template_round_trip(tokenizer, dataset_dir: Path, fmt: FormatSpec, sample: int = 32) -> list[str]:
+    """Render and tokenize up to `sample` stored conversations again with the stored template and a
+    fresh tokenizer; the example hashes whose ids or labels differ from what was stored (none when
+    the stored template reproduces training exactly)."""
+    rows = [r for split in SPLITS for r in load_split(dataset_dir, split) if r["messages"] is not None]
+    rows = rows[:sample]
+    if not rows:
+        return []
+    with using_template(tokenizer, stored_template(dataset_dir)):
+        again = tokenize_conversations(
+            tokenizer, [r["messages"] for r in rows], fmt.train_turns, fmt.train_on_inputs
+        )
+    return [
+        row["example_hash"]
+        for row, example in zip(rows, again, strict=True)
+        if example.input_ids[: row["num_tokens"]] != row["input_ids"]
+        or example.labels[: row["num_tokens"]] != row["labels"]
+    ]
+
+
+def sample_view(tokenizer, row: dict, mark: tuple[str, str] = ("[[", "]]")) -> str:
+    """The text of one stored example with each trained span wrapped in `mark` ([[like this]]).
+
+    Runs of tokens are decoded together, so characters split across tokens read correctly.
+    """
+    import itertools
+
+    opening, closing = mark
+    pieces = []
+    pairs = zip(row["input_ids"], row["labels"], strict=True)
+    for trained, run in itertools.groupby(pairs, key=lambda pair: pair[1] != IGNORE_INDEX):
+        text = tokenizer.decode([token_id for token_id, _ in run])
+        pieces.append(f"{opening}{text}{closing}" if trained else text)
     return "".join(pieces)

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from loraflow.base_model import load_causal_lm, load_tokenizer
-from loraflow.dataset import load_split
+from loraflow.base_model import load_causal_lm
+from loraflow.dataset import dataset_tokenizer, load_split
 from loraflow.formatting import collate, render
 from loraflow.spec import LOWER_IS_BETTER, EvaluationSpec
+from loraflow.templates import end_of_turn
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,10 @@ def assistant_loss(model, rows: list[dict], pad_id: int, batch_size: int) -> flo
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy answers for rendered prompts, batched with left padding."""
+    """Greedy answers for rendered prompts, batched with left padding; an answer ends at the
+    template's end-of-turn token or at eos."""
+    _, eot_id = end_of_turn(tokenizer)
+    stops = sorted({t for t in (tokenizer.eos_token_id, eot_id) if t is not None})
     tokenizer.padding_side = "left"
     answers = []
     for start in range(0, len(prompts), batch_size):
@@ -118,7 +122,7 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stops,
         )
         new_tokens = output[:, encoded["input_ids"].shape[1] :]
         answers += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
@@ -169,8 +173,8 @@ def evaluate_adapter(
 
     rows = load_split(dataset_dir, "eval")[: spec.max_examples]
     if not rows:
-        raise ValueError(f"{dataset_dir}: the eval split is empty; raise format.eval_fraction or add data")
-    tokenizer = load_tokenizer(base_model_dir, trust_remote_code)
+        raise ValueError(f"{dataset_dir}: the eval split is empty; raise format.eval_size or add data")
+    tokenizer = dataset_tokenizer(base_model_dir, dataset_dir, trust_remote_code)
     # Generation needs a prompt and a reference answer: conversations have both, plain texts do not.
     chats = [row for row in rows if row["messages"] is not None]
     prompts = [render(tokenizer, row["messages"][:-1], add_generation_prompt=True) for row in chats]

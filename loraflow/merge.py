@@ -1,6 +1,7 @@
 """Merge an adapter into a full-precision copy of its base and write a self-contained model folder.
 
-The folder holds safetensors weights, the tokenizer with its chat template, the generation config,
+The folder holds safetensors weights, the tokenizer with the chat template training used (taken
+from the adapter), the generation config (stopping at the template's end-of-turn token),
 the adapter on its own (under `adapter/`), and a model card (README.md). It is written to a
 temporary folder and renamed into `<models_dir>/<version>/`; a `latest` file then names the
 newest version (replaced in one rename), so a failed publish leaves the previous one intact.
@@ -17,6 +18,7 @@ import torch
 
 from loraflow.artifacts import atomic_dir, file_sha256
 from loraflow.base_model import load_causal_lm, load_tokenizer
+from loraflow.templates import end_of_turn
 
 LATEST = "latest"
 
@@ -50,7 +52,8 @@ def merge_adapter(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(base_model_dir, trust_remote_code)
+    # the adapter's tokenizer carries the chat template the adapter was trained with
+    tokenizer = load_tokenizer(adapter_dir, trust_remote_code)
     base = load_causal_lm(base_model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
     probe = tokenizer("Merged weights must match base plus adapter.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
@@ -60,10 +63,14 @@ def merge_adapter(
     with torch.no_grad():
         merged_logits = merged(input_ids=probe).logits
 
+    _stop_at_end_of_turn(merged, tokenizer)
+
     target = Path(models_dir) / version
     with atomic_dir(target) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if load_tokenizer(tmp, trust_remote_code).chat_template != tokenizer.chat_template:
+            raise RuntimeError(f"{target}: the saved chat template differs from the adapter's")
         shutil.copytree(adapter_dir, tmp / "adapter")
         (tmp / "README.md").write_text(model_card, encoding="utf-8")
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=merged.dtype, use_safetensors=True)
@@ -76,6 +83,20 @@ def merge_adapter(
         reload_max_abs_diff=float((reloaded_logits - merged_logits).abs().max()),
         weights_changed=not torch.allclose(base_logits, merged_logits),
     )
+
+
+def _stop_at_end_of_turn(model, tokenizer) -> None:
+    """Make generation stop at the template's end-of-turn token as well as at eos."""
+    _, eot_id = end_of_turn(tokenizer)
+    config = model.generation_config
+    stops = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    stops = [t for t in stops if t is not None]
+    for token in (tokenizer.eos_token_id, eot_id):
+        if token is not None and token not in stops:
+            stops.append(token)
+    config.eos_token_id = stops[0] if len(stops) == 1 else stops
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
 
 
 def _point_latest(models_dir: Path, version: str) -> None:

@@ -29,18 +29,18 @@ class PackedRow:
     """Which example of the row each token belongs to (0, 1, ...)."""
 
 
-def pack_examples(examples: list[dict], max_seq_len: int) -> list[PackedRow]:
-    """Pack examples (dicts with `input_ids` and `labels`) into rows of at most `max_seq_len` tokens.
+def plan_rows(lengths: list[int], max_seq_len: int) -> list[list[int]]:
+    """Which examples (by index) go into each row, from their lengths alone.
 
     Best fit, longest first: each example goes into the row with the least room that still holds
     it (the earliest such row on a tie), found by bisection, so 100,000 examples pack in a second.
     An example is never split; one longer than `max_seq_len` is an error (drop or truncate it first).
     """
-    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]["input_ids"]), i))
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (room left, row number), sorted
     for i in order:
-        length = len(examples[i]["input_ids"])
+        length = lengths[i]
         if length > max_seq_len:
             raise ValueError(f"example {i} has {length} tokens, more than max_seq_len {max_seq_len}")
         at = bisect.bisect_left(free, (length, -1))
@@ -53,7 +53,19 @@ def pack_examples(examples: list[dict], max_seq_len: int) -> list[PackedRow]:
             room -= length
         if room > 0:
             bisect.insort(free, (room, row))
+    return bins
+
+
+def pack_examples(examples: list[dict], max_seq_len: int) -> list[PackedRow]:
+    """Pack examples (dicts with `input_ids` and `labels`) into rows of at most `max_seq_len` tokens."""
+    bins = plan_rows([len(example["input_ids"]) for example in examples], max_seq_len)
     return [_row([examples[i] for i in members]) for members in bins]
+
+
+def planned_efficiency(lengths: list[int], max_seq_len: int) -> float:
+    """The packing efficiency examples of these lengths would get, without building the rows."""
+    rows = plan_rows(lengths, max_seq_len)
+    return sum(lengths) / (len(rows) * max_seq_len) if rows else 0.0
 
 
 def _row(members: list[dict]) -> PackedRow:
@@ -100,4 +112,19 @@ def collate_packed(rows: list[PackedRow], pad_id: int) -> dict[str, torch.Tensor
         "labels": labels,
         "position_ids": position_ids,
         "attention_mask": mask[:, None, :, :],
+    }
+
+
+def collate_flat(rows: list[PackedRow]) -> dict[str, torch.Tensor]:
+    """A batch of packed rows laid end to end in one row of shape (1, tokens), with position ids and no
+    mask: the form flash-attention's variable-length kernel takes (each restart of the position ids
+    begins a new sequence). For `attn_implementation: flash_attention_2` only: other kernels would
+    let examples attend to each other."""
+    input_ids = [t for row in rows for t in row.input_ids]
+    labels = [t for row in rows for t in row.labels]
+    position_ids = [t for row in rows for t in row.position_ids]
+    return {
+        "input_ids": torch.tensor([input_ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([position_ids], dtype=torch.long),
     }

@@ -67,6 +67,11 @@ class SourceSpec(Section):
     """Map loraflow's field names to the file's own, e.g. `{output: response}` for a file whose
     answers are in a `response` key. Fields not named here keep their own name."""
 
+    split: Literal["auto", "train", "eval"] = "auto"
+    """Which split this source's examples go to. `auto`: split by content hash (`format.eval_size`).
+    `eval`: a held-out source, every example evaluated and never trained; once any source is `eval`,
+    `auto` sources train whole. `train`: always trained."""
+
     explode: str | None = None
     """A key holding a list of objects, each one example: its keys join (and override) the record's
     own. E.g. `instances` for records like {instruction, instances: [{input, output}, ...]}."""
@@ -123,12 +128,26 @@ class FormatSpec(Section):
     """A system message put before every example. None uses the chat template's own default
     (SmolLM2's template adds one). A short, task-specific prompt also saves tokens."""
 
-    max_seq_len: int = Field(default=512, ge=16, le=131072)
-    """Longest tokenized example. Longer examples are dropped and counted. Typical: 512-4096."""
+    chat_template: str | None = None
+    """How conversations become text. Unset: the tokenizer's own template (a tokenizer without one
+    gets `zephyr`, whose turns end with the tokenizer's eos token). Or a name: `chatml`, `zephyr`,
+    `alpaca`; or a `.jinja` file relative to the project root; or a Jinja string. The template used is
+    saved with the dataset, the adapter and the published model."""
 
-    eval_fraction: float = Field(default=0.05, gt=0.0, lt=1.0)
-    """Share of examples held out for evaluation. The split is decided by each example's content
-    hash, so adding data never moves an existing example between train and eval."""
+    max_seq_len: int = Field(default=512, ge=16, le=131072)
+    """Longest tokenized example, and the row length when packing. Typical: 512-4096."""
+
+    overlong: Literal["drop", "truncate", "error"] = "drop"
+    """What to do with an example longer than `max_seq_len`: `drop` it; `truncate` it to
+    `max_seq_len` tokens (an example left with no trained token is dropped instead); or `error`,
+    which stops the run and names the examples. Each outcome is counted in the asset's metadata."""
+
+    eval_size: float | int = 0.05
+    """The held-out evaluation set: a fraction below 1 (0.05) or a number of examples (200). A
+    fraction is decided by each example's content hash alone, so adding data never moves an example
+    between train and eval. A count holds out the examples with the lowest hashes: as data grows,
+    examples may leave eval for train, but a trained example never moves into eval. Ignored when a
+    source has `split: eval`."""
 
     train_turns: Literal["all", "last"] = "all"
     """Which assistant turns of a conversation carry labels: `all`, or only the `last` (earlier
@@ -137,6 +156,36 @@ class FormatSpec(Section):
     train_on_inputs: bool = False
     """Train every token, prompts and template markup included. Off (the usual choice): only the
     assistant's answers are trained, so the model is not taught to write the user's side."""
+
+    packing: bool = False
+    """Pack several examples into each training row of `max_seq_len` tokens, each with its own
+    position ids and attention confined to itself, instead of padding every example. Fewer wasted
+    tokens with many short examples; `training.batch_size` then counts rows."""
+
+    @field_validator("eval_size")
+    @classmethod
+    def _eval_size_is_a_share_or_a_count(cls, value: float | int) -> float | int:
+        if isinstance(value, bool) or value <= 0 or (isinstance(value, float) and value >= 1):
+            raise ValueError(
+                f"eval_size must be a fraction between 0 and 1 (e.g. 0.05) or a whole number of examples "
+                f"(e.g. 200), not {value!r}"
+            )
+        return value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_is_usable(cls, value: str | None) -> str | None:
+        from loraflow.templates import NAMED_TEMPLATES, check_jinja, is_jinja
+
+        if value is None or value in NAMED_TEMPLATES or value.endswith(".jinja"):
+            return value
+        if is_jinja(value):
+            check_jinja(value)
+            return value
+        raise ValueError(
+            f"{value!r} is not a template name ({', '.join(NAMED_TEMPLATES)}), a .jinja file or a Jinja "
+            "string; leave it unset to use the tokenizer's own template"
+        )
 
     @model_validator(mode="after")
     def _turns_matter_only_without_inputs(self) -> FormatSpec:
@@ -232,6 +281,11 @@ class TrainingSpec(Section):
 
     seed: int = 0
     """Seed for adapter initialisation, dropout and data order."""
+
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel. `sdpa` (PyTorch's, the default) and `eager` work everywhere; packed rows
+    then use a block-diagonal mask. `flash_attention_2` needs a CUDA GPU and the flash-attn
+    package; packed examples then go through its variable-length path without any mask."""
 
     log_every: int = Field(default=5, ge=1)
     """Log step, loss, learning rate, grad norm and tokens/s every N steps."""

@@ -22,8 +22,9 @@ import torch
 
 from loraflow.artifacts import atomic_dir
 from loraflow.base_model import load_causal_lm, load_tokenizer
-from loraflow.dataset import load_split
+from loraflow.dataset import dataset_tokenizer, load_split, stored_template
 from loraflow.formatting import collate
+from loraflow.packing import collate_flat, collate_packed, pack_examples, packing_efficiency
 from loraflow.spec import LoraSpec, TrainingSpec
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class TrainResult:
     peak_memory_mb: float
     trainable_params: int
     total_params: int
+    packing_efficiency: float | None = None
+    """Real tokens over row tokens of the packed rows; None when not packing."""
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
 
     @property
@@ -92,25 +95,45 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def check_attention(training: TrainingSpec) -> None:
+    """Fail early, and say why, when the chosen attention kernel cannot run here."""
+    if training.attn_implementation != "flash_attention_2":
+        return
+    import importlib.util
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None:
+        raise RuntimeError(
+            "training.attn_implementation flash_attention_2 needs a CUDA GPU and the flash-attn package "
+            "(pip install flash-attn); use sdpa here"
+        )
+
+
 def train_adapter(
     training: TrainingSpec,
     base_model_dir: Path,
     dataset_dir: Path,
     adapter_dir: Path,
     trust_remote_code: bool = False,
+    pack_to: int | None = None,
 ) -> TrainResult:
-    """Train a LoRA adapter on the dataset's train split and write it to `adapter_dir` atomically."""
+    """Train a LoRA adapter on the dataset's train split and write it to `adapter_dir` atomically.
+
+    `pack_to`: pack examples into rows of this many tokens (`format.packing`); None pads each batch.
+    The tokenizer saved with the adapter carries the dataset's chat template.
+    """
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    check_attention(training)
     torch.manual_seed(training.seed)
     random.seed(training.seed)
-    tokenizer = load_tokenizer(base_model_dir, trust_remote_code)
+    tokenizer = dataset_tokenizer(base_model_dir, dataset_dir, trust_remote_code)
     qlora = training.method == "qlora"
     model = load_causal_lm(
         base_model_dir,
         dtype=training.dtype,
         quantization=training.quantization if qlora else None,
         trust_remote_code=trust_remote_code,
+        attn_implementation=training.attn_implementation,
     )
     model.config.use_cache = False
     if qlora:
@@ -127,29 +150,57 @@ def train_adapter(
     train_rows = load_split(dataset_dir, "train")
     if not train_rows:
         raise ValueError(f"{dataset_dir}: the train split is empty; there is nothing to train on")
+    efficiency = None
+    if pack_to is not None:
+        units = pack_examples(train_rows, pack_to)
+        efficiency = packing_efficiency(units, pack_to)
+        log.info(
+            "packed %d examples into %d rows of %d tokens (%.1f%% real tokens)",
+            len(train_rows),
+            len(units),
+            pack_to,
+            100 * efficiency,
+        )
+        flat = training.attn_implementation == "flash_attention_2"
+
+        def to_batch(rows):
+            return collate_flat(rows) if flat else collate_packed(rows, tokenizer.pad_token_id)
+
+        def real_tokens(rows) -> int:
+            return sum(len(row.input_ids) for row in rows)
+    else:
+        units = train_rows
+
+        def to_batch(rows):
+            return collate(rows, tokenizer.pad_token_id)
+
+        def real_tokens(rows) -> int:
+            return sum(len(row["input_ids"]) for row in rows)
+
     per_step = training.batch_size * training.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(len(train_rows) / per_step)
+    steps_per_epoch = math.ceil(len(units) / per_step)
     total_steps = training.max_steps or max(1, math.ceil(training.epochs * steps_per_epoch))
     device = next(p for p in model.parameters() if p.requires_grad).device
 
     def batches():
-        """Batches forever, reshuffled each epoch from the seed."""
+        """Batches (of examples, or of packed rows) forever, reshuffled each epoch from the seed."""
         order_rng = random.Random(training.seed)
         while True:
-            order = list(range(len(train_rows)))
+            order = list(range(len(units)))
             order_rng.shuffle(order)
             for start in range(0, len(order), training.batch_size):
-                yield [train_rows[i] for i in order[start : start + training.batch_size]]
+                yield [units[i] for i in order[start : start + training.batch_size]]
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay)
     stream = batches()
     model.train()
     log.info(
-        "training %s: %d steps of %d examples (%d train examples, %.2f epochs)",
+        "training %s: %d steps of %d %s (%d train examples, %.2f epochs)",
         training.method,
         total_steps,
         per_step,
+        "packed rows" if pack_to else "examples",
         len(train_rows),
         total_steps / steps_per_epoch,
     )
@@ -164,14 +215,15 @@ def train_adapter(
             group["lr"] = lr
         step_loss = 0.0
         for _ in range(training.gradient_accumulation_steps):
-            batch = {k: v.to(device) for k, v in collate(next(stream), tokenizer.pad_token_id).items()}
+            rows = next(stream)
+            batch = {k: v.to(device) for k, v in to_batch(rows).items()}
             loss = model(**batch).loss / training.gradient_accumulation_steps
             loss.backward()
             step_loss += loss.item()
-            n_tokens = int(batch["attention_mask"].sum())
+            n_tokens = real_tokens(rows)
             tokens_seen += n_tokens
             window_tokens += n_tokens
-            examples_seen += batch["input_ids"].shape[0]
+            examples_seen += sum(len(set(row.segment_ids)) for row in rows) if pack_to else len(rows)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, training.max_grad_norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -205,12 +257,17 @@ def train_adapter(
         peak_memory_mb=round(peak_memory_mb(), 1),
         trainable_params=trainable,
         total_params=total,
+        packing_efficiency=round(efficiency, 4) if efficiency is not None else None,
         loss_curve=loss_curve,
     )
     with atomic_dir(Path(adapter_dir)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / TRAINING_SUMMARY).write_text(json.dumps(asdict(result), indent=2))
+        if load_tokenizer(tmp, trust_remote_code).chat_template != stored_template(dataset_dir):
+            raise RuntimeError(
+                f"{adapter_dir}: the saved tokenizer's chat template differs from the dataset's"
+            )
     return result
 
 

@@ -13,7 +13,6 @@ Environment: LORAFLOW_PIPELINES (folder of YAML files, default: this folder) and
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -21,10 +20,9 @@ from dagster import Definitions
 
 from assets import pipeline_assets, source_partitions
 from loraflow.spec import PipelineSpec, SpecError, load_specs
+from pipelines.paths import default_home, default_pipelines_dir
 from pipelines.sensors import build_source_sensor
 from resources import ArtifactStore, ManifestIOManager, Trainer, Warehouse
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_pipelines(folder: Path) -> list[PipelineSpec]:
@@ -60,14 +58,6 @@ def build_definitions(pipelines_dir: Path, home: Path) -> Definitions:
         sensors=[build_source_sensor(spec, source_partitions(spec)) for spec in specs],
         resources=pipeline_resources(home),
     )
-
-
-def default_pipelines_dir() -> Path:
-    return Path(os.environ.get("LORAFLOW_PIPELINES", PROJECT_ROOT / "pipelines"))
-
-
-def default_home() -> Path:
-    return Path(os.environ.get("LORAFLOW_HOME", PROJECT_ROOT / ".loraflow"))
 
 
 defs = build_definitions(default_pipelines_dir(), default_home())

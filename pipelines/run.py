@@ -21,7 +21,8 @@ from assets import PARTITIONED_STAGES, STAGES, pipeline_assets, source_partition
 from loraflow.sources import SourceChanges, diff_sources, scan_sources
 from loraflow.spec import PipelineSpec, SpecError, load_spec
 from loraflow.validate import drop_partition
-from pipelines.definitions import PROJECT_ROOT, default_home, default_pipelines_dir, pipeline_resources
+from pipelines.definitions import pipeline_resources
+from pipelines.paths import PROJECT_ROOT, default_home, default_pipelines_dir
 from pipelines.sensors import last_validation
 
 

@@ -24,5 +24,6 @@ class Trainer(ConfigurableResource):
         dataset_dir: Path,
         adapter_dir: Path,
         trust_remote_code: bool = False,
+        pack_to: int | None = None,
     ) -> TrainResult:
-        return train_adapter(training, base_model_dir, dataset_dir, adapter_dir, trust_remote_code)
+        return train_adapter(training, base_model_dir, dataset_dir, adapter_dir, trust_remote_code, pack_to)

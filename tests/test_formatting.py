@@ -7,6 +7,11 @@ from loraflow.formatting import IGNORE_INDEX, tokenize_completion, tokenize_with
 from loraflow.spec import FormatSpec
 
 
+def build(rows: list[dict], tokenizer, fmt: FormatSpec, folder, **options):
+    """build_dataset with the tokenizer's own template and a fixed tokenizer hash."""
+    return build_dataset(rows, tokenizer, fmt, tokenizer.chat_template, "tok", folder, **options)
+
+
 def conversation(prompt: str, answer: str) -> list[dict]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
 
@@ -68,6 +73,7 @@ def _rows(n: int, start: int = 0) -> list[dict]:
             "messages": json.dumps(conversation(f"Classify message {i}.", f"label {i % 3}")),
             "text": None,
             "example_hash": hashlib.sha256(f"ex{i}".encode()).hexdigest(),
+            "partition": "f.jsonl",
             "source_file": "f.jsonl",
             "record_index": i + 1,
             "sub_index": 0,
@@ -77,9 +83,9 @@ def _rows(n: int, start: int = 0) -> list[dict]:
 
 
 def test_adding_data_never_moves_an_example_between_splits(tokenizer, tmp_path):
-    fmt = FormatSpec(eval_fraction=0.2)
-    small = build_dataset(_rows(50), tokenizer, fmt, "base", tmp_path)
-    grown = build_dataset(_rows(50) + _rows(50, start=50), tokenizer, fmt, "base", tmp_path)
+    fmt = FormatSpec(eval_size=0.2)
+    small = build(_rows(50), tokenizer, fmt, tmp_path)
+    grown = build(_rows(50) + _rows(50, start=50), tokenizer, fmt, tmp_path)
     assert small.version != grown.version
 
     def held_out(summary):
@@ -91,20 +97,17 @@ def test_adding_data_never_moves_an_example_between_splits(tokenizer, tmp_path):
 
 def test_unchanged_inputs_reuse_the_stored_dataset(tokenizer, tmp_path):
     fmt = FormatSpec()
-    first = build_dataset(_rows(20), tokenizer, fmt, "base", tmp_path)
-    second = build_dataset(list(reversed(_rows(20))), tokenizer, fmt, "base", tmp_path)
+    first = build(_rows(20), tokenizer, fmt, tmp_path)
+    second = build(list(reversed(_rows(20))), tokenizer, fmt, tmp_path)
     assert (first.reused, second.reused) == (False, True)
     assert second.version == first.version
-    assert (
-        build_dataset(_rows(20), tokenizer, FormatSpec(system_prompt="Hi."), "base", tmp_path).version
-        != first.version
-    )
+    assert build(_rows(20), tokenizer, FormatSpec(system_prompt="Hi."), tmp_path).version != first.version
 
 
 def test_overlong_examples_are_dropped_and_counted(tokenizer, tmp_path):
     rows = _rows(5)
     rows[0]["messages"] = rows[0]["messages"].replace("Classify", "word " * 400)
-    summary = build_dataset(rows, tokenizer, FormatSpec(max_seq_len=64), "base", tmp_path)
+    summary = build(rows, tokenizer, FormatSpec(max_seq_len=64), tmp_path)
     assert summary.dropped_too_long == 1
     assert summary.train_examples + summary.eval_examples == 4
 
@@ -127,8 +130,8 @@ def test_train_on_inputs_trains_every_token(tokenizer):
 
 
 def test_turn_modes_change_the_dataset_version(tokenizer, tmp_path):
-    plain = build_dataset(_rows(10), tokenizer, FormatSpec(), "base", tmp_path)
-    last = build_dataset(_rows(10), tokenizer, FormatSpec(train_turns="last"), "base", tmp_path)
+    plain = build(_rows(10), tokenizer, FormatSpec(), tmp_path)
+    last = build(_rows(10), tokenizer, FormatSpec(train_turns="last"), tmp_path)
     assert plain.version != last.version
 
 
@@ -140,13 +143,14 @@ def test_conversations_and_plain_texts_share_one_dataset(tokenizer, tmp_path):
             "messages": None,
             "text": f"Story number {i}.",
             "example_hash": hashlib.sha256(f"t{i}".encode()).hexdigest(),
+            "partition": "t.jsonl",
             "source_file": "t.jsonl",
             "record_index": i + 1,
             "sub_index": 0,
         }
         for i in range(5)
     ]
-    summary = build_dataset(_rows(5) + texts, tokenizer, FormatSpec(eval_fraction=0.01), "base", tmp_path)
+    summary = build(_rows(5) + texts, tokenizer, FormatSpec(eval_size=0.01), tmp_path)
     rows = load_split(summary.path, "train") + load_split(summary.path, "eval")
     plain = [r for r in rows if r["messages"] is None]
     assert len(rows) == 10 and len(plain) == 5

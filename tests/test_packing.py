@@ -7,7 +7,13 @@ import torch
 from conftest import tiny_llama_config
 
 from loraflow.formatting import IGNORE_INDEX
-from loraflow.packing import collate_packed, pack_examples, packing_efficiency
+from loraflow.packing import (
+    collate_flat,
+    collate_packed,
+    pack_examples,
+    packing_efficiency,
+    planned_efficiency,
+)
 
 
 def example(length: int, seed: int) -> dict:
@@ -91,3 +97,21 @@ def test_packed_loss_equals_the_token_weighted_loss_of_the_examples(tiny_llama):
             total += float(tiny_llama(input_ids=torch.tensor([ex["input_ids"]]), labels=labels).loss) * n
             tokens += n
     assert float(packed_loss) == pytest.approx(total / tokens, abs=1e-5)
+
+
+def test_planned_efficiency_matches_the_rows_it_would_build():
+    examples = [example(n, n) for n in (10, 3, 7, 12, 5, 9, 2, 14)]
+    rows = pack_examples(examples, max_seq_len=16)
+    lengths = [len(e["input_ids"]) for e in examples]
+    assert planned_efficiency(lengths, 16) == packing_efficiency(rows, 16)
+
+
+def test_flat_batches_for_variable_length_attention_restart_positions_per_example():
+    examples = [example(n, n) for n in (6, 4, 5)]
+    rows = pack_examples(examples, max_seq_len=10)
+    batch = collate_flat(rows)
+    assert batch["input_ids"].shape == (1, 15) and "attention_mask" not in batch
+    positions = batch["position_ids"][0].tolist()
+    starts = [i for i, p in enumerate(positions) if p == 0]
+    assert len(starts) == 3  # one sequence per example, whichever row it was packed in
+    assert all(batch["labels"][0, i] == IGNORE_INDEX for i in starts)

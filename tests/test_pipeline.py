@@ -6,10 +6,13 @@ import pytest
 from conftest import write_yaml
 from dagster import AssetCheckKey, AssetKey, AssetRecordsFilter, instance_for_test
 
+from loraflow.dataset import stored_template
 from loraflow.demo_data import write_demo_data
 from loraflow.spec import load_spec
+from loraflow.templates import NAMED_TEMPLATES
 from pipelines.definitions import pipeline_resources
 from pipelines.run import run_pipeline, sync_partitions
+from pipelines.samples import show
 
 PIPELINE = """
 data:
@@ -19,7 +22,9 @@ quality:
   max_invalid_fraction: {max_invalid}
 format:
   system_prompt: You triage customer messages.
-  eval_fraction: 0.2
+  chat_template: chatml
+  packing: true
+  eval_size: 0.2
 base_model:
   source: {model}
 training:
@@ -46,6 +51,12 @@ def make_pipeline(project, tiny_model_dir, max_invalid=0.5, min_improvement=-100
         PIPELINE.format(model=tiny_model_dir, max_invalid=max_invalid, min_improvement=min_improvement),
     )
     return load_spec(path)
+
+
+def check_passed(instance, asset: AssetKey, name: str) -> bool:
+    key = AssetCheckKey(asset, name)
+    record = instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key]
+    return record.event.dagster_event.event_specific_data.passed  # type: ignore[union-attr]
 
 
 def latest_metadata(instance, key: AssetKey, partition: str | None = None) -> dict:
@@ -82,9 +93,16 @@ def test_demo_chain_publishes_a_model_that_loads_and_generates(project, tiny_mod
     dataset = latest_metadata(instance, AssetKey(["triage", "training_dataset"]))
     assert dataset["train_examples"] > 0 and dataset["eval_examples"] > 0
     assert dataset["duplicates_dropped"] == 1  # the planted copy of a record from the other file
+    assert dataset["chat_template"] == "chatml"
+    assert 0 < dataset["tokens_p50"] <= dataset["tokens_p99"] <= dataset["tokens_p100"] <= 512
+    for check in ("every_example_trains", "end_of_turn_trained", "template_round_trip", "token_lengths"):
+        assert check_passed(instance, AssetKey(["triage", "training_dataset"]), check), check
+    view = show("triage", home, n=2, split="train", plain=True)
+    assert view.count("<|im_end|>]]") == 2 and "You triage customer messages." in view
 
     adapter = latest_metadata(instance, AssetKey(["triage", "adapter"]))
     assert adapter["steps"] == 3 and adapter["trainable_params"] > 0
+    assert adapter["packing"] is True and 0.5 < adapter["packing_efficiency"] <= 1
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tuned = PeftModel.from_pretrained(base, adapter["path"])
     assert any("lora_A" in name for name, _ in tuned.named_parameters())
@@ -92,6 +110,12 @@ def test_demo_chain_publishes_a_model_that_loads_and_generates(project, tiny_mod
     published = outcome["published"]["path"]
     tokenizer = AutoTokenizer.from_pretrained(published)
     merged = AutoModelForCausalLM.from_pretrained(published, use_safetensors=True)
+    # serving renders exactly what training saw: one template from dataset to adapter to published model
+    template = stored_template(dataset["path"])
+    assert (
+        template == NAMED_TEMPLATES["chatml"] != AutoTokenizer.from_pretrained(tiny_model_dir).chat_template
+    )
+    assert AutoTokenizer.from_pretrained(adapter["path"]).chat_template == template == tokenizer.chat_template
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "My parcel is late."}], tokenize=False, add_generation_prompt=True
     )

@@ -152,3 +152,39 @@ def test_last_turn_mode_with_train_on_inputs_is_a_contradiction(project):
         SpecError, match=r"format \(line 4\): train_turns: last has no effect with train_on_inputs"
     ):
         load_spec(write_yaml(project / "pipelines", "triage", text))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("1.5", r"format\.eval_size \(line 5\): .*fraction between 0 and 1 .* or a whole number"),
+        ("0", r"format\.eval_size \(line 5\)"),
+        ("ten", r"format\.eval_size \(line 5\)"),
+    ],
+)
+def test_eval_size_is_a_fraction_or_a_count(project, value, message):
+    text = MINIMAL + f"format:\n  eval_size: {value}\n"
+    with pytest.raises(SpecError, match=message):
+        load_spec(write_yaml(project / "pipelines", "triage", text))
+
+
+def test_eval_size_keeps_counts_and_fractions_apart(project):
+    count = load_spec(write_yaml(project / "pipelines", "a", MINIMAL + "format:\n  eval_size: 200\n"))
+    share = load_spec(write_yaml(project / "pipelines", "b", MINIMAL + "format:\n  eval_size: 0.1\n"))
+    assert (count.format.eval_size, type(count.format.eval_size)) == (200, int)
+    assert (share.format.eval_size, type(share.format.eval_size)) == (0.1, float)
+
+
+def test_a_chat_template_must_be_a_name_a_file_or_valid_jinja(project):
+    unknown = MINIMAL + "format:\n  chat_template: chatlm\n"
+    with pytest.raises(
+        SpecError, match=r"format\.chat_template \(line 5\): .*'chatlm' is not a template name \(chatml"
+    ):
+        load_spec(write_yaml(project / "pipelines", "triage", unknown))
+    broken = MINIMAL + 'format:\n  chat_template: "{% for m in messages %}{{ m.content }}"\n'
+    with pytest.raises(SpecError, match=r"format\.chat_template \(line 5\): .*not a valid Jinja template"):
+        load_spec(write_yaml(project / "pipelines", "triage", broken))
+    for good in ("chatml", "templates/mine.jinja", "\"{{ messages[0]['content'] }}\""):
+        load_spec(
+            write_yaml(project / "pipelines", "triage", MINIMAL + f"format:\n  chat_template: {good}\n")
+        )
