@@ -2,15 +2,25 @@
 
 import hashlib
 import json
-from pathlib import Path
 
 from dagster import AssetExecutionContext, AssetIn, AssetKey, DataVersion, MetadataValue, Output, asset
 
 from loraflow.artifacts import folder_sha256
 from loraflow.spec import PipelineSpec
-from resources import ArtifactStore, Trainer
+from loraflow.train import LOSS_CURVE
+from resources import ArtifactStore, Trainer, TrainRequest
 
 GPU_POOL = "gpu"
+
+
+def loss_table(loss: list, evals: list, rows: int = 40) -> str:
+    """Markdown: train (and eval) loss at up to `rows` evenly spaced steps, the last always included."""
+    every = max(1, len(loss) // rows)
+    shown = [point for i, point in enumerate(loss) if i % every == 0 or i == len(loss) - 1]
+    by_step = dict(evals)
+    lines = ["| step | train loss | eval loss |", "|---|---|---|"]
+    lines += [f"| {step} | {value:.4f} | {by_step.get(step, '')} |" for step, value in shown]
+    return "\n".join(lines)
 
 
 def training_code_version(spec: PipelineSpec) -> str:
@@ -53,12 +63,20 @@ def build_adapter(spec: PipelineSpec):
         version = hashlib.sha256(run_key.encode()).hexdigest()[:16]
         adapter_dir = store.path("adapters", spec.name, version)
         result = trainer.train(
-            spec.training,
-            Path(base_model["path"]),
-            Path(training_dataset["path"]),
-            adapter_dir,
-            base_model["trust_remote_code"],
-            pack_to,
+            context,
+            TrainRequest(
+                training=spec.training,
+                base_model_dir=base_model["path"],
+                dataset_dir=training_dataset["path"],
+                adapter_dir=str(adapter_dir),
+                trust_remote_code=base_model["trust_remote_code"],
+                pack_to=pack_to,
+                record={
+                    "pipeline": spec.name,
+                    "base_model": base_model["source"],
+                    "base_model_hash": base_model["content_hash"],
+                },
+            ),
         )
         weights_hash = folder_sha256(adapter_dir, include=lambda file: file.suffix == ".safetensors")
         manifest = {
@@ -69,7 +87,11 @@ def build_adapter(spec: PipelineSpec):
             "steps": result.steps,
             "final_loss": result.final_loss,
         }
-        curve = "\n".join(f"| {step} | {loss:.4f} |" for step, loss in result.loss_curve)
+        optional = {
+            "packing_efficiency": result.packing_efficiency,
+            "final_eval_loss": result.final_eval_loss,
+            "best_eval_loss": result.best_eval_loss,
+        }
         return Output(
             manifest,
             data_version=DataVersion(weights_hash[:32]),
@@ -78,18 +100,18 @@ def build_adapter(spec: PipelineSpec):
                 "method": spec.training.method,
                 "steps": result.steps,
                 "final_train_loss": result.final_loss,
+                **{k: v for k, v in optional.items() if v is not None},
                 "tokens_per_second": result.tokens_per_second,
+                "tokens_seen": result.tokens_seen,
                 "wall_seconds": result.wall_seconds,
                 "peak_memory_mb": result.peak_memory_mb,
                 "trainable_params": result.trainable_params,
                 "trainable_percent": round(result.trainable_percent, 4),
+                "resumed_from_step": result.resumed_from_step,
+                "world_size": result.world_size,
                 "packing": spec.format.packing,
-                **(
-                    {"packing_efficiency": result.packing_efficiency}
-                    if result.packing_efficiency is not None
-                    else {}
-                ),
-                "loss_curve": MetadataValue.md("| step | loss |\n|---|---|\n" + curve),
+                "loss_curve": MetadataValue.path(str(adapter_dir / LOSS_CURVE)),
+                "loss_by_step": MetadataValue.md(loss_table(result.loss_curve, result.eval_curve)),
             },
         )
 

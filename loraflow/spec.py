@@ -241,6 +241,24 @@ class LoraSpec(Section):
     """Which linear layers get an adapter: a list of module names (e.g. q_proj, v_proj) or
     `all-linear` for every linear layer but the output head."""
 
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases train too: `none` (usual), `all`, or those of adapted layers (`lora_only`)."""
+
+    use_rslora: bool = False
+    """Rank-stabilized LoRA: scale by alpha/sqrt(r) instead of alpha/r; helps at high ranks (64+)."""
+
+    use_dora: bool = False
+    """DoRA: learn a magnitude vector beside the LoRA direction. Often a little better at low rank;
+    slower per step."""
+
+    loraplus_lr_ratio: float | None = Field(default=None, gt=0)
+    """LoRA+: the B matrices learn this many times faster than A (the paper suggests about 16).
+    None trains both at `training.learning_rate`."""
+
+    modules_to_save: list[str] = Field(default_factory=list)
+    """Modules trained in full and saved with the adapter, e.g. `[lm_head, embed_tokens]` after
+    adding tokens. Empty for plain LoRA."""
+
 
 class TrainingSpec(Section):
     method: Literal["qlora", "lora"] = "qlora"
@@ -275,6 +293,30 @@ class TrainingSpec(Section):
 
     max_grad_norm: float = Field(default=1.0, gt=0)
     """Gradients are clipped to this global norm."""
+
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning rate after warm-up: `cosine` decay to a tenth of the peak, `linear` decay to a tenth,
+    or `constant`."""
+
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    """`adamw` (PyTorch, fp32 states); `adamw_8bit` keeps the states in 8 bits, and `paged_adamw_8bit`
+    also pages them to CPU memory under pressure (both bitsandbytes, CUDA GPU only)."""
+
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of storing them: much less memory for
+    long sequences, about a third more compute."""
+
+    eval_every: int | None = Field(default=None, ge=1)
+    """Compute the loss on (up to 256 examples of) the eval split every N steps and at the end;
+    None skips it."""
+
+    checkpoint_every: int | None = Field(default=50, ge=1)
+    """Write a checkpoint (adapter, optimizer, RNG states, step) every N steps; re-materializing
+    after a crash resumes from the latest one. None writes none."""
+
+    keep_checkpoints: int = Field(default=2, ge=1)
+    """How many of the latest checkpoints to keep while training (all are removed once the
+    adapter is saved)."""
 
     weight_decay: float = Field(default=0.0, ge=0)
     """AdamW weight decay on the adapter weights."""

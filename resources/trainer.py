@@ -6,10 +6,22 @@ from pathlib import Path
 from typing import Literal
 
 from dagster import ConfigurableResource
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from loraflow.spec import TrainingSpec
 from loraflow.train import TrainResult, train_adapter
+
+
+class TrainRequest(BaseModel):
+    """Everything one training needs, as plain data (it can be written to JSON for a worker)."""
+
+    training: TrainingSpec
+    base_model_dir: str
+    dataset_dir: str
+    adapter_dir: str
+    trust_remote_code: bool = False
+    pack_to: int | None = None
+    record: dict = Field(default_factory=dict)
 
 
 class Trainer(ConfigurableResource):
@@ -17,13 +29,13 @@ class Trainer(ConfigurableResource):
 
     mode: Literal["in_process"] = Field(default="in_process", description="Where training runs.")
 
-    def train(
-        self,
-        training: TrainingSpec,
-        base_model_dir: Path,
-        dataset_dir: Path,
-        adapter_dir: Path,
-        trust_remote_code: bool = False,
-        pack_to: int | None = None,
-    ) -> TrainResult:
-        return train_adapter(training, base_model_dir, dataset_dir, adapter_dir, trust_remote_code, pack_to)
+    def train(self, context, request: TrainRequest) -> TrainResult:
+        return train_adapter(
+            request.training,
+            Path(request.base_model_dir),
+            Path(request.dataset_dir),
+            Path(request.adapter_dir),
+            request.trust_remote_code,
+            request.pack_to,
+            record=request.record,
+        )

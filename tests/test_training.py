@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+import pytest
+
 from loraflow.base_model import load_tokenizer
 from loraflow.dataset import build_dataset, stored_template
 from loraflow.spec import FormatSpec, LoraSpec, TrainingSpec
@@ -65,3 +67,138 @@ def test_packed_training_counts_real_tokens_and_reports_efficiency(tokenizer, ti
     plain = train_adapter(TINY_LORA, tiny_model_dir, data.path, tmp_path / "plain")
     assert packed.examples_seen > plain.examples_seen
     assert packed.tokens_seen > plain.tokens_seen
+
+
+def lora_spec(**overrides) -> TrainingSpec:
+    settings = dict(
+        method="lora",
+        lora=LoraSpec(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]),
+        max_steps=6,
+        batch_size=4,
+        learning_rate=5e-3,
+        log_every=1,
+    )
+    return TrainingSpec(**{**settings, **overrides})
+
+
+def test_the_loss_on_trained_tokens_equals_the_models_own(tokenizer, tiny_model_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from loraflow.dataset import load_split
+    from loraflow.formatting import collate
+    from loraflow.train import targets_of, token_loss_sum
+
+    rows = load_split(dataset(tokenizer, tmp_path, tokenizer.chat_template).path, "train")[:4]
+    batch = collate(rows, tokenizer.pad_token_id)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        ours = token_loss_sum(model, batch) / targets_of(rows, packed=False)
+        theirs = model(**batch).loss
+    assert float(ours) == pytest.approx(float(theirs), abs=1e-6)
+
+
+def test_an_interrupted_run_resumes_to_the_same_adapter_bit_for_bit(tokenizer, tiny_model_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    data = dataset(tokenizer, tmp_path / "datasets", tokenizer.chat_template)
+    spec = lora_spec(lora=LoraSpec(r=4, alpha=8, dropout=0.1), checkpoint_every=2, max_steps=6)
+    straight = train_adapter(spec, tiny_model_dir, data.path, tmp_path / "straight")
+
+    def crash_at_step_3(figures: dict) -> None:
+        if figures["step"] == 3:
+            raise KeyboardInterrupt("the machine went away")
+
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(spec, tiny_model_dir, data.path, tmp_path / "resumed", progress=crash_at_step_3)
+    checkpoints = tmp_path / "resumed.checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["step-0000002"]
+    state = torch.load(checkpoints / "step-0000002" / "state.pt", weights_only=True)
+    assert state["step"] == 2 and state["optimizer"]["state"]
+
+    resumed = train_adapter(spec, tiny_model_dir, data.path, tmp_path / "resumed")
+    assert resumed.resumed_from_step == 2
+    assert resumed.loss_curve == straight.loss_curve
+    a = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not checkpoints.exists()  # removed once the adapter is saved
+
+
+def _ddp_rank(rank: int, port: int, args: tuple) -> None:
+    import os
+
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank)
+    )
+    train_adapter(*args)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_follow_the_loss_curve_of_one_process_with_the_same_global_batch(
+    tokenizer, tiny_model_dir, tmp_path
+):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    data = dataset(tokenizer, tmp_path / "datasets", tokenizer.chat_template, n=40)
+    one = train_adapter(lora_spec(batch_size=4), tiny_model_dir, data.path, tmp_path / "one")
+    accumulated = train_adapter(
+        lora_spec(batch_size=2, gradient_accumulation_steps=2),
+        tiny_model_dir,
+        data.path,
+        tmp_path / "accumulated",
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(
+        _ddp_rank,
+        args=(port, (lora_spec(batch_size=2), tiny_model_dir, data.path, tmp_path / "two")),
+        nprocs=2,
+    )
+    two = json.loads((tmp_path / "two" / "training_summary.json").read_text())
+
+    reference = [loss for _, loss in one.loss_curve]
+    assert two["world_size"] == 2
+    assert [loss for _, loss in two["loss_curve"]] == pytest.approx(reference, abs=1e-5)
+    assert [loss for _, loss in accumulated.loss_curve] == pytest.approx(reference, abs=1e-5)
+
+
+def test_a_target_module_the_model_lacks_names_the_ones_it_has(tokenizer, tiny_model_dir, tmp_path):
+    from loraflow.train import TrainingError
+
+    data = dataset(tokenizer, tmp_path / "datasets", tokenizer.chat_template)
+    spec = lora_spec(lora=LoraSpec(target_modules=["query_key_value"]))
+    with pytest.raises(TrainingError, match=r"target_modules \['query_key_value'\].*named .*q_proj"):
+        train_adapter(spec, tiny_model_dir, data.path, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_a_loss_that_turns_nan_stops_with_what_to_change_and_keeps_the_checkpoint(
+    tokenizer, tiny_model_dir, tmp_path
+):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    data = dataset(tokenizer, tmp_path / "datasets", tokenizer.chat_template)
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    name = next(k for k in weights if k.endswith("layers.1.mlp.down_proj.weight"))
+    weights[name] = torch.full_like(weights[name], float("inf"))
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    from loraflow.train import TrainingError
+
+    with pytest.raises(
+        TrainingError, match=r"the loss became nan at step 1 .*Lower training.learning_rate.*No checkpoint"
+    ):
+        train_adapter(lora_spec(), broken, data.path, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
