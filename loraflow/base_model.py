@@ -214,7 +214,7 @@ def load_causal_lm(
             bnb_4bit_use_double_quant=quantization.double_quant,
             bnb_4bit_compute_dtype=torch_dtype(quantization.compute_dtype),
         )
-        kwargs["device_map"] = {"": _device()}
+    kwargs["device_map"] = {"": _device()}
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=torch_dtype(dtype),
@@ -227,6 +227,9 @@ def load_causal_lm(
 
 
 def _device() -> str:
+    """This process's device: its own GPU under torchrun (LOCAL_RANK), the first GPU, or the CPU."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"

@@ -174,14 +174,18 @@ def _build(rows, splits, tokenizer, fmt, chat_template, template_source, version
             for i, row in enumerate(chunk)
             if row["messages"] is not None
         }
-        tokenized = dict(
-            zip(
-                conversations,
-                tokenize_conversations(
-                    tokenizer, list(conversations.values()), fmt.train_turns, fmt.train_on_inputs
-                ),
-                strict=True,
+        tokenized = (
+            dict(
+                zip(
+                    conversations,
+                    tokenize_conversations(
+                        tokenizer, list(conversations.values()), fmt.train_turns, fmt.train_on_inputs
+                    ),
+                    strict=True,
+                )
             )
+            if conversations
+            else {}
         )
         for i, row in enumerate(chunk):
             example = tokenized[i] if i in tokenized else tokenize_completion(tokenizer, row["text"])

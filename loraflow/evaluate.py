@@ -94,7 +94,7 @@ def assistant_loss(model, rows: list[dict], pad_id: int, batch_size: int) -> flo
     """Mean cross-entropy per trained (assistant) token over the rows."""
     total_loss, total_tokens = 0.0, 0
     for start in range(0, len(rows), batch_size):
-        batch = collate(rows[start : start + batch_size], pad_id)
+        batch = {k: v.to(model.device) for k, v in collate(rows[start : start + batch_size], pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         shift_logits, shift_labels = logits[:, :-1].float(), batch["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(
@@ -116,7 +116,7 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     for start in range(0, len(prompts), batch_size):
         encoded = tokenizer(
             prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-        )
+        ).to(model.device)
         output = model.generate(
             **encoded,
             max_new_tokens=max_new_tokens,

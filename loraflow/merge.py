@@ -55,7 +55,9 @@ def merge_adapter(
     # the adapter's tokenizer carries the chat template the adapter was trained with
     tokenizer = load_tokenizer(adapter_dir, trust_remote_code)
     base = load_causal_lm(base_model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
-    probe = tokenizer("Merged weights must match base plus adapter.", return_tensors="pt")["input_ids"]
+    probe = tokenizer("Merged weights must match base plus adapter.", return_tensors="pt")["input_ids"].to(
+        base.device
+    )
     with torch.no_grad():
         base_logits = base(input_ids=probe).logits
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
@@ -73,7 +75,9 @@ def merge_adapter(
             raise RuntimeError(f"{target}: the saved chat template differs from the adapter's")
         shutil.copytree(adapter_dir, tmp / "adapter")
         (tmp / "README.md").write_text(model_card, encoding="utf-8")
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=merged.dtype, use_safetensors=True)
+        reloaded = AutoModelForCausalLM.from_pretrained(
+            tmp, dtype=merged.dtype, use_safetensors=True, device_map={"": str(merged.device)}
+        )
         with torch.no_grad():
             reloaded_logits = reloaded(input_ids=probe).logits
     _point_latest(Path(models_dir), version)

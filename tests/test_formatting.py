@@ -156,3 +156,23 @@ def test_conversations_and_plain_texts_share_one_dataset(tokenizer, tmp_path):
     assert len(rows) == 10 and len(plain) == 5
     assert all(r["labels"] == r["input_ids"] and r["input_ids"][-1] == tokenizer.eos_token_id for r in plain)
     assert all(0 < r["trainable_tokens"] < r["num_tokens"] for r in rows if r["messages"] is not None)
+
+
+def test_a_dataset_of_plain_texts_only_builds(tokenizer, tmp_path):
+    import hashlib
+
+    texts = [
+        {
+            "partition": "t.jsonl",
+            "source_file": "t.jsonl",
+            "record_index": i + 1,
+            "sub_index": 0,
+            "messages": None,
+            "text": f"Plain story number {i}.",
+            "example_hash": hashlib.sha256(f"plain{i}".encode()).hexdigest(),
+        }
+        for i in range(6)
+    ]
+    summary = build(texts, tokenizer, FormatSpec(eval_size=1), tmp_path)
+    assert (summary.train_examples, summary.eval_examples) == (5, 1)
+    assert summary.examples_without_trained_end == 0
