@@ -2,7 +2,7 @@
 
 base_model ─────────────────────────────────────────────┐
 raw_examples (partition per file) -> validated_examples  │
-    -> training_dataset -> adapter (pool "gpu") -> evaluation (gate) -> published_model
+    -> training_dataset -> adapter (pool "gpu") -> evaluation (gate) -> published_model [-> hub_model]
 """
 
 import warnings
@@ -14,7 +14,7 @@ from assets.base_model import build_base_model
 from assets.dataset import build_training_dataset
 from assets.evaluation import build_evaluation
 from assets.ingestion import build_raw_examples, source_partitions
-from assets.publish import build_published_model
+from assets.publish import build_hub_model, build_published_model
 from assets.training import build_adapter
 from assets.validation import build_validated_examples
 from loraflow.spec import PipelineSpec
@@ -39,6 +39,7 @@ def pipeline_assets(spec: PipelineSpec) -> list[AssetsDefinition]:
         build_adapter(spec),
         build_evaluation(spec),
         build_published_model(spec),
+        *([build_hub_model(spec)] if spec.publish.hub_repo else []),
     ]
 
 

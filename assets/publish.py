@@ -3,14 +3,27 @@
 import subprocess
 from pathlib import Path
 
-from dagster import AssetExecutionContext, AssetIn, AssetKey, DataVersion, MetadataValue, Output, asset
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetIn,
+    AssetKey,
+    DataVersion,
+    Failure,
+    MetadataValue,
+    Output,
+    asset,
+)
 
-from loraflow.base_model import BUILTIN_HUB_IDS
-from loraflow.merge import merge_adapter, publish_version
+from loraflow.base_model import BUILTIN_HUB_IDS, BUILTIN_LICENSES, load_tokenizer
+from loraflow.dataset import load_split
+from loraflow.formatting import render
+from loraflow.merge import MergeError, merge_adapter, publish_version
 from loraflow.model_card import render_model_card
 from loraflow.spec import PipelineSpec
 from loraflow.validate import source_lineage
-from resources import ArtifactStore, Warehouse
+from resources import ArtifactStore, HubPublisher, Warehouse
 
 
 def code_version_of(root: Path) -> str:
@@ -25,9 +38,17 @@ def code_version_of(root: Path) -> str:
         return "unknown (not a git checkout)"
 
 
+def probe_prompts(dataset_dir: Path, tokenizer, n: int = 3) -> list[str]:
+    """A few held-out conversations, rendered with the adapter's template, to compare logits on."""
+    rows = [r for r in load_split(dataset_dir, "eval") if r["messages"] is not None][:n]
+    return [render(tokenizer, r["messages"]) for r in rows]
+
+
 def build_published_model(spec: PipelineSpec):
+    key = AssetKey([spec.name, "published_model"])
+
     @asset(
-        key=AssetKey([spec.name, "published_model"]),
+        key=key,
         group_name=spec.name,
         kinds={"safetensors"},
         ins={
@@ -39,6 +60,14 @@ def build_published_model(spec: PipelineSpec):
         code_version=spec.section_version("publish"),
         description=f"The adapter merged into the base in {spec.publish.dtype}, saved as safetensors with the "
         "tokenizer, chat template, the adapter on its own and a model card, under models/<pipeline>/<version>.",
+        check_specs=[
+            AssetCheckSpec(
+                "merge_fidelity",
+                asset=key,
+                description="The merged weights give base-plus-adapter logits on held-out prompts (within "
+                "publish.merge_tolerance), differ from the base's, and reload from disk unchanged.",
+            )
+        ],
     )
     def published_model(
         context: AssetExecutionContext,
@@ -48,44 +77,121 @@ def build_published_model(spec: PipelineSpec):
         base_model: dict,
         store: ArtifactStore,
         warehouse: Warehouse,
-    ) -> Output[dict]:
+    ):
         with warehouse.connect() as con:
             sources = source_lineage(con, spec.name)
+        license_name = spec.publish.license or BUILTIN_LICENSES.get(base_model["source"], "other")
         card = render_model_card(
             pipeline=spec.name,
             description=spec.description,
             base_model=BUILTIN_HUB_IDS.get(base_model["source"], base_model["source"]),
             base_model_hash=base_model["content_hash"],
-            license="apache-2.0",
+            license=license_name,
             sources=sources,
             dataset_version=training_dataset["version"],
+            chat_template=training_dataset.get("chat_template_source", "tokenizer"),
             training_config=spec.training.model_dump(mode="json"),
+            adapter_version=adapter["version"],
+            adapter_sha256=adapter["weights_sha256"],
             code_version=code_version_of(spec.root),
             eval_table=evaluation["table"],
         )
         version = publish_version(Path(adapter["path"]), base_model["content_hash"], spec.publish.dtype)
-        result = merge_adapter(
-            Path(base_model["path"]),
-            Path(adapter["path"]),
-            store.folder("models", spec.name),
-            version,
-            spec.publish.dtype,
-            card,
-            base_model["trust_remote_code"],
-        )
+        tokenizer = load_tokenizer(Path(adapter["path"]), base_model["trust_remote_code"])
+        probes = probe_prompts(Path(training_dataset["path"]), tokenizer)
+        try:
+            result = merge_adapter(
+                Path(base_model["path"]),
+                Path(adapter["path"]),
+                store.folder("models", spec.name),
+                version,
+                spec.publish.dtype,
+                card,
+                base_model["trust_remote_code"],
+                probes=probes or None,
+                tolerance=spec.publish.merge_tolerance,
+                record={
+                    "pipeline": spec.name,
+                    "adapter_version": adapter["version"],
+                    "base_model": base_model["source"],
+                    "base_model_hash": base_model["content_hash"],
+                    "dataset_version": training_dataset["version"],
+                    "metrics": evaluation["tuned"],
+                },
+            )
+        except MergeError as err:
+            raise Failure(description=f"pipeline {spec.name!r}: {err}") from None
         if not result.weights_changed:
-            raise RuntimeError("the merged model's logits equal the base's: the adapter changed nothing")
+            raise Failure(
+                description="the merged model's logits equal the base's: the adapter changed nothing; not published"
+            )
         context.log.info("published %s at %s", version, result.path)
-        return Output(
+        yield Output(
             {"version": version, "path": result.path, "adapter_version": adapter["version"]},
             data_version=DataVersion(version),
             metadata={
                 "path": MetadataValue.path(result.path),
                 "version": version,
                 "dtype": spec.publish.dtype,
+                "merge_max_abs_diff": result.merge_max_abs_diff,
                 "reload_max_abs_diff": result.reload_max_abs_diff,
                 "model_card": MetadataValue.md(card),
             },
         )
+        yield AssetCheckResult(
+            check_name="merge_fidelity",
+            passed=True,  # merge_adapter refuses to publish otherwise
+            metadata={
+                "merge_max_abs_diff": result.merge_max_abs_diff,
+                "tolerance": result.merge_tolerance,
+                "reload_max_abs_diff": result.reload_max_abs_diff,
+                "probe_prompts": len(probes) or 1,
+            },
+        )
 
     return published_model
+
+
+def build_hub_model(spec: PipelineSpec):
+    """`hub_model`: the published folder uploaded to `publish.hub_repo`; built only when that is set.
+
+    An asset of its own, so that only runs that upload need HF_TOKEN, and a failed upload is retried
+    by materializing it alone, without merging again.
+    """
+
+    @asset(
+        key=AssetKey([spec.name, "hub_model"]),
+        group_name=spec.name,
+        kinds={"huggingface"},
+        ins={"published_model": AssetIn(AssetKey([spec.name, "published_model"]))},
+        code_version=spec.section_version("publish"),
+        description=f"The published model uploaded to {spec.publish.hub_repo} on the Hugging Face Hub "
+        f"({'private' if spec.publish.hub_private else 'public'} when created), one commit per version.",
+    )
+    def hub_model(context: AssetExecutionContext, published_model: dict, hub: HubPublisher) -> Output[dict]:
+        version = published_model["version"]
+        commit = hub.upload(
+            Path(published_model["path"]),
+            spec.publish.hub_repo,
+            private=spec.publish.hub_private,
+            commit_message=f"loraflow: {spec.name} {version}",
+        )
+        context.log.info("uploaded %s to %s: %s", version, commit.repo_url, commit.commit_url)
+        return Output(
+            {
+                "version": version,
+                "repo_id": spec.publish.hub_repo,
+                "repo_url": commit.repo_url,
+                "commit": commit.commit_oid,
+            },
+            data_version=DataVersion(version),
+            metadata={
+                "repo_url": MetadataValue.url(commit.repo_url),
+                "commit_url": MetadataValue.url(commit.commit_url),
+                "commit": commit.commit_oid,
+                "version": version,
+                "private": spec.publish.hub_private,
+            },
+        )
+
+    return hub_model

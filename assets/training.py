@@ -76,6 +76,7 @@ def build_adapter(spec: PipelineSpec):
                     "base_model": base_model["source"],
                     "base_model_hash": base_model["content_hash"],
                 },
+                kubernetes=spec.kubernetes,
             ),
         )
         weights_hash = folder_sha256(adapter_dir, include=lambda file: file.suffix == ".safetensors")

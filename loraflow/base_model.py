@@ -29,6 +29,8 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tik
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The hub id of the same model, named in model cards.
 BUILTIN_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+# Their licenses, which a fine-tune's model card inherits unless publish.license says otherwise.
+BUILTIN_LICENSES = {"smollm2-135m-instruct": "apache-2.0"}
 
 
 class BaseModelError(RuntimeError):

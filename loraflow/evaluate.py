@@ -1,11 +1,22 @@
-"""Base versus tuned on the held-out split: loss on assistant tokens and greedy-generation scores.
+"""Base versus tuned on the held-out split, a forgetting probe, and the report people read.
 
-Both models are scored on the same examples with the same code. The tuned model is the base
-(loaded in full precision) with the adapter applied, which is exactly what publishing merges.
+Every model is scored on the same examples with the same code:
+
+- loss and perplexity on the assistant's tokens (the trained ones);
+- greedy answers, batched, scored against the reference answer by exact match, token F1 and
+  ROUGE-L (the `rouge-score` package: words are lower-cased ASCII letters and digits), and by the
+  pipeline's format check (a regex, or a JSON schema the parsed answer must satisfy);
+- the forgetting probe: on general prompts outside the task, the base model answers greedily, and
+  both models' loss on those answers is compared. Their ratio (tuned over base) says how far the
+  tuned model drifted from what the base would say; 1.0 is no drift.
+
+The tuned model is the base (loaded in full precision) with the adapter applied, which is exactly
+what publishing merges. The published version, when asked for, is scored the same way.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -18,19 +29,55 @@ import torch
 
 from loraflow.base_model import load_causal_lm
 from loraflow.dataset import dataset_tokenizer, load_split
-from loraflow.formatting import collate, render
+from loraflow.formatting import IGNORE_INDEX, collate, render, tokenize_conversations
 from loraflow.spec import LOWER_IS_BETTER, EvaluationSpec
 from loraflow.templates import end_of_turn
 
 log = logging.getLogger(__name__)
 
-METRICS = ("eval_loss", "perplexity", "exact_match", "token_f1", "format_match")
+METRICS = ("eval_loss", "perplexity", "exact_match", "token_f1", "rouge_l", "format_match")
+MOVERS = 10
+
+GENERAL_PROMPTS = (
+    "Explain in two sentences why the sky is blue.",
+    "What is the capital of Australia?",
+    "Write a Python function that returns the factorial of n.",
+    "What is 17 times 23?",
+    "Give three tips for sleeping well.",
+    "Translate 'good morning, how are you?' into French.",
+    "Summarize the story of Romeo and Juliet in one sentence.",
+    "Name the planets of the solar system in order from the sun.",
+    "Write a short poem about autumn leaves.",
+    "How does a refrigerator keep food cold?",
+    "What is the difference between weather and climate?",
+    "Suggest three names for a small bakery.",
+)
+"""Prompts outside any one fine-tune's task: facts, arithmetic, code, translation, writing."""
+
+
+class EvaluationError(ValueError):
+    """The evaluation cannot run as configured."""
 
 
 @dataclass
 class ModelScores:
     metrics: dict[str, float]
     answers: list[str] = field(default_factory=list)
+    example_losses: list[float] = field(default_factory=list)
+    """Mean loss per trained token of each eval example, in order."""
+
+
+@dataclass
+class Forgetting:
+    prompts: list[str]
+    base_answers: list[str]
+    tuned_answers: list[str]
+    base_loss: float
+    tuned_loss: float
+
+    @property
+    def ratio(self) -> float:
+        return self.tuned_loss / self.base_loss if self.base_loss > 0 else math.inf
 
 
 @dataclass
@@ -40,37 +87,109 @@ class EvalReport:
     tuned: ModelScores
     references: list[str]
     prompts: list[str]
+    rows: list[dict] = field(default_factory=list)
+    published: ModelScores | None = None
+    published_version: str | None = None
+    forgetting: Forgetting | None = None
 
     def delta(self, metric: str) -> float:
         return self.tuned.metrics[metric] - self.base.metrics[metric]
 
-    def improvement(self, metric: str) -> float:
-        """How much better tuned is than base (positive is better, whatever the metric's direction).
+    def improvement(self, metric: str, over: str = "base") -> float:
+        """How much better tuned is than `over` (base or published), positive is better whatever the
+        metric's direction.
 
         A metric that could not be computed (no conversations to generate from) counts as no
         improvement at all: minus infinity, so a gate on it fails rather than passes by accident.
         """
-        if metric not in self.tuned.metrics:
+        other = self.base if over == "base" else self.published
+        if other is None or metric not in self.tuned.metrics or metric not in other.metrics:
             return -math.inf
-        return -self.delta(metric) if metric in LOWER_IS_BETTER else self.delta(metric)
+        delta = self.tuned.metrics[metric] - other.metrics[metric]
+        return -delta if metric in LOWER_IS_BETTER else delta
 
     def table(self) -> str:
-        """A markdown table: metric, base, tuned, delta."""
-        lines = ["| metric | base | tuned | delta |", "|---|---|---|---|"]
+        """A markdown table: metric, base, tuned, delta (and the published version, when scored)."""
+        header = "| metric | base | tuned | delta |"
+        rule = "|---|---|---|---|"
+        if self.published is not None:
+            header += f" published ({self.published_version}) |"
+            rule += "---|"
+        lines = [header, rule]
         for metric in self.base.metrics:
             b, t = self.base.metrics[metric], self.tuned.metrics[metric]
-            lines.append(f"| {metric} | {b:.4f} | {t:.4f} | {t - b:+.4f} |")
+            line = f"| {metric} | {b:.4f} | {t:.4f} | {t - b:+.4f} |"
+            if self.published is not None:
+                line += f" {self.published.metrics.get(metric, math.nan):.4f} |"
+            lines.append(line)
+        if self.forgetting is not None:
+            f = self.forgetting
+            lines.append(
+                f"| forgetting (loss on base answers) | {f.base_loss:.4f} | {f.tuned_loss:.4f} | "
+                f"x{f.ratio:.2f} |" + (" |" if self.published is not None else "")
+            )
         return "\n".join(lines)
 
-    def samples(self, n: int = 5) -> str:
-        """The first n examples with the reference and both answers, as markdown."""
-        parts = []
-        for i in range(min(n, len(self.prompts))):
-            parts.append(
-                f"**prompt**: {self.prompts[i][-300:]}\n\n- reference: `{self.references[i]}`\n"
-                f"- base: `{self.base.answers[i][:300]}`\n- tuned: `{self.tuned.answers[i][:300]}`\n"
-            )
-        return "\n".join(parts)
+    def movers(self, n: int = MOVERS) -> tuple[list[int], list[int]]:
+        """Indexes of the `n` examples whose loss improved most, and the `n` that got most worse."""
+        change = [t - b for b, t in zip(self.base.example_losses, self.tuned.example_losses, strict=True)]
+        order = sorted(range(len(change)), key=lambda i: change[i])
+        improved = [i for i in order[:n] if change[i] < 0]
+        regressed = [i for i in reversed(order[-n:]) if change[i] > 0]
+        return improved, regressed
+
+    def example_markdown(self, i: int) -> str:
+        """One eval example: prompt, reference, both answers (when generated) and both losses."""
+        row = self.rows[i]
+        b, t = self.base.example_losses[i], self.tuned.example_losses[i]
+        if row["messages"] is None:
+            return f"- `{_clip(row['text'], 160)}`: loss {b:.3f} -> {t:.3f}"
+        k = self._chat_index(i)
+        prompt = row["messages"][-2]["content"] if len(row["messages"]) > 1 else ""
+        return (
+            f"- **{_clip(prompt, 200)}** (loss {b:.3f} -> {t:.3f})\n"
+            f"  - reference: `{_clip(self.references[k], 200)}`\n"
+            f"  - base: `{_clip(self.base.answers[k], 200)}`\n"
+            f"  - tuned: `{_clip(self.tuned.answers[k], 200)}`"
+        )
+
+    def _chat_index(self, i: int) -> int:
+        return sum(1 for row in self.rows[:i] if row["messages"] is not None)
+
+    def samples(self) -> str:
+        """Markdown: the examples that improved and regressed most."""
+        improved, regressed = self.movers()
+        parts = [f"### Improved most ({len(improved)})", *(self.example_markdown(i) for i in improved)]
+        parts += [f"### Regressed most ({len(regressed)})", *(self.example_markdown(i) for i in regressed)]
+        return "\n\n".join(parts)
+
+    def forgetting_markdown(self, n: int = 3) -> str:
+        if self.forgetting is None:
+            return "The forgetting probe is off."
+        f = self.forgetting
+        lines = [
+            f"On {len(f.prompts)} general prompts the tuned model's loss on the base model's own answers is "
+            f"{f.tuned_loss:.3f} against the base's {f.base_loss:.3f}: ratio {f.ratio:.2f} (1.00 is no drift)."
+        ]
+        for prompt, base, tuned in list(zip(f.prompts, f.base_answers, f.tuned_answers, strict=True))[:n]:
+            lines.append(f"- **{prompt}**\n  - base: `{_clip(base, 160)}`\n  - tuned: `{_clip(tuned, 160)}`")
+        return "\n\n".join(lines)
+
+    def markdown(self, title: str) -> str:
+        """The whole report as one markdown document."""
+        return (
+            f"# {title}\n\n{self.examples} held-out examples.\n\n## Metrics\n\n{self.table()}\n\n"
+            f"## Forgetting\n\n{self.forgetting_markdown()}\n\n## Examples\n\n{self.samples()}\n"
+        )
+
+
+def _clip(text: str, limit: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
 
 
 def normalize_tokens(text: str) -> list[str]:
@@ -89,20 +208,65 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    """Mean ROUGE-L F-measure (longest common subsequence of words)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    scores = [
+        scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)
+    ]
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+def format_checker(spec: EvaluationSpec, root: Path | None = None):
+    """A function answer -> bool from the spec's format check, or None when there is none."""
+    if spec.format_regex is not None:
+        pattern = re.compile(spec.format_regex)
+        return lambda answer: bool(pattern.fullmatch(answer))
+    if spec.format_json_schema is None:
+        return None
+    from jsonschema import Draft202012Validator
+
+    schema = spec.format_json_schema
+    if isinstance(schema, str):
+        path = Path(schema) if root is None or Path(schema).is_absolute() else Path(root) / schema
+        try:
+            schema = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise EvaluationError(f"evaluation.format_json_schema: cannot read {path}: {err}") from None
+    validator = Draft202012Validator(schema)
+
+    def matches(answer: str) -> bool:
+        try:
+            return validator.is_valid(json.loads(answer))
+        except json.JSONDecodeError:
+            return False
+
+    return matches
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring
+
+
 @torch.no_grad()
-def assistant_loss(model, rows: list[dict], pad_id: int, batch_size: int) -> float:
-    """Mean cross-entropy per trained (assistant) token over the rows."""
-    total_loss, total_tokens = 0.0, 0
+def example_losses(model, rows: list[dict], pad_id: int, batch_size: int) -> tuple[list[float], float]:
+    """Each row's mean cross-entropy per trained token, and the mean over all trained tokens."""
+    per_row, total_loss, total_tokens = [], 0.0, 0
     for start in range(0, len(rows), batch_size):
         batch = {k: v.to(model.device) for k, v in collate(rows[start : start + batch_size], pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         shift_logits, shift_labels = logits[:, :-1].float(), batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), reduction="sum"
+        losses = torch.nn.functional.cross_entropy(
+            shift_logits.transpose(1, 2), shift_labels, reduction="none", ignore_index=IGNORE_INDEX
         )
-        total_loss += float(loss)
-        total_tokens += int((shift_labels != -100).sum())
-    return total_loss / max(1, total_tokens)
+        counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
+        sums = losses.sum(dim=1)
+        per_row += [float(s / max(1, int(c))) for s, c in zip(sums, counts, strict=True)]
+        total_loss += float(sums.sum())
+        total_tokens += int(counts.sum())
+    return per_row, total_loss / max(1, total_tokens)
 
 
 @torch.no_grad()
@@ -113,20 +277,25 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     stops = sorted({t for t in (tokenizer.eos_token_id, eot_id) if t is not None})
     tokenizer.padding_side = "left"
     answers = []
-    for start in range(0, len(prompts), batch_size):
-        encoded = tokenizer(
-            prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-        ).to(model.device)
-        output = model.generate(
-            **encoded,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=stops,
-        )
-        new_tokens = output[:, encoded["input_ids"].shape[1] :]
-        answers += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    tokenizer.padding_side = "right"
+    try:
+        for start in range(0, len(prompts), batch_size):
+            encoded = tokenizer(
+                prompts[start : start + batch_size],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            ).to(model.device)
+            output = model.generate(
+                **encoded,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=stops,
+            )
+            new_tokens = output[:, encoded["input_ids"].shape[1] :]
+            answers += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = "right"
     return answers
 
 
@@ -138,27 +307,53 @@ def score(
     references: list[str],
     spec: EvaluationSpec,
     label: str,
+    matches_format=None,
 ) -> ModelScores:
+    """One model's metrics on the eval rows (and its answers to the conversations' prompts)."""
     started = time.perf_counter()
     model.eval()
-    loss = assistant_loss(model, rows, tokenizer.pad_token_id, spec.batch_size)
+    per_row, loss = example_losses(model, rows, tokenizer.pad_token_id, spec.batch_size)
     answers = generate_answers(model, tokenizer, prompts, spec.max_new_tokens, spec.batch_size)
     metrics = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
     if answers:
         n = len(answers)
-        metrics["exact_match"] = sum(a == r for a, r in zip(answers, references, strict=True)) / n
-        metrics["token_f1"] = sum(token_f1(a, r) for a, r in zip(answers, references, strict=True)) / n
-        if spec.format_regex is not None:
-            pattern = re.compile(spec.format_regex)
-            metrics["format_match"] = sum(bool(pattern.fullmatch(a)) for a in answers) / n
+        pairs = list(zip(answers, references, strict=True))
+        metrics["exact_match"] = sum(a == r for a, r in pairs) / n
+        metrics["token_f1"] = sum(token_f1(a, r) for a, r in pairs) / n
+        metrics["rouge_l"] = rouge_l(answers, references)
+        if matches_format is not None:
+            metrics["format_match"] = sum(matches_format(a) for a in answers) / n
     log.info(
         "%s: %s (%d examples in %.1fs)",
         label,
         ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
-        n,
+        len(rows),
         time.perf_counter() - started,
     )
-    return ModelScores(metrics=metrics, answers=answers)
+    return ModelScores(metrics=metrics, answers=answers, example_losses=per_row)
+
+
+def forgetting_prompts(spec: EvaluationSpec, root: Path | None = None) -> list[str]:
+    """The probe's prompts: the YAML's file or list, else the built-in general prompts."""
+    probe = spec.forgetting
+    if probe.file is not None:
+        path = Path(probe.file) if root is None or Path(probe.file).is_absolute() else Path(root) / probe.file
+        if not path.is_file():
+            raise EvaluationError(f"evaluation.forgetting.file: no such file {path}")
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise EvaluationError(f"evaluation.forgetting.file: {path} has no prompts (one per line)")
+        return prompts
+    return list(probe.prompts) if probe.prompts else list(GENERAL_PROMPTS)
+
+
+def _probe_rows(tokenizer, prompts: list[str], answers: list[str]) -> tuple[list[str], list[str], list[dict]]:
+    """The prompts the base answered (an empty answer says nothing), and the rows to score on."""
+    kept = [(p, a) for p, a in zip(prompts, answers, strict=True) if a]
+    conversations = [[{"role": "user", "content": p}, {"role": "assistant", "content": a}] for p, a in kept]
+    examples = tokenize_conversations(tokenizer, conversations)
+    rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+    return [p for p, _ in kept], [a for _, a in kept], rows
 
 
 def evaluate_adapter(
@@ -167,21 +362,81 @@ def evaluate_adapter(
     dataset_dir: Path,
     spec: EvaluationSpec,
     trust_remote_code: bool = False,
+    published_dir: Path | None = None,
+    published_version: str | None = None,
+    published_same_base: bool = True,
+    root: Path | None = None,
 ) -> EvalReport:
-    """Score the base model, then the same model with the adapter, on the held-out split."""
+    """Score the base model and the base with the adapter on the held-out split, and run the
+    forgetting probe. With `published_dir` (a published version's folder), score that version too:
+    its adapter on this base when it was trained on the same base, else its merged weights."""
     from peft import PeftModel
 
     rows = load_split(dataset_dir, "eval")[: spec.max_examples]
     if not rows:
-        raise ValueError(f"{dataset_dir}: the eval split is empty; raise format.eval_size or add data")
+        raise EvaluationError(f"{dataset_dir}: the eval split is empty; raise format.eval_size or add data")
     tokenizer = dataset_tokenizer(base_model_dir, dataset_dir, trust_remote_code)
+    matches_format = format_checker(spec, root)
     # Generation needs a prompt and a reference answer: conversations have both, plain texts do not.
     chats = [row for row in rows if row["messages"] is not None]
     prompts = [render(tokenizer, row["messages"][:-1], add_generation_prompt=True) for row in chats]
     references = [row["messages"][-1]["content"] for row in chats]
 
     model = load_causal_lm(base_model_dir, dtype="float32", trust_remote_code=trust_remote_code)
-    base = score(model, tokenizer, rows, prompts, references, spec, "base")
-    model = PeftModel.from_pretrained(model, adapter_dir)
-    tuned = score(model, tokenizer, rows, prompts, references, spec, "tuned")
-    return EvalReport(examples=len(rows), base=base, tuned=tuned, references=references, prompts=prompts)
+    base = score(model, tokenizer, rows, prompts, references, spec, "base", matches_format)
+    probe = None
+    if spec.forgetting.enabled:
+        general = forgetting_prompts(spec, root)
+        general_rendered = [
+            render(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True) for p in general
+        ]
+        base_general = generate_answers(
+            model, tokenizer, general_rendered, spec.forgetting.max_new_tokens, spec.batch_size
+        )
+        probe_prompts, probe_answers, probe_rows = _probe_rows(tokenizer, general, base_general)
+        _, probe_base_loss = example_losses(model, probe_rows, tokenizer.pad_token_id, spec.batch_size)
+
+    model = PeftModel.from_pretrained(model, adapter_dir, adapter_name="tuned")
+    tuned = score(model, tokenizer, rows, prompts, references, spec, "tuned", matches_format)
+    if spec.forgetting.enabled and not probe_rows:
+        log.warning("the base model answered none of the %d general prompts: forgetting not measured", len(general))
+    elif spec.forgetting.enabled:
+        _, probe_tuned_loss = example_losses(model, probe_rows, tokenizer.pad_token_id, spec.batch_size)
+        tuned_general = generate_answers(
+            model,
+            tokenizer,
+            [
+                render(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True)
+                for p in probe_prompts
+            ],
+            spec.forgetting.max_new_tokens,
+            spec.batch_size,
+        )
+        probe = Forgetting(probe_prompts, probe_answers, tuned_general, probe_base_loss, probe_tuned_loss)
+        log.info(
+            "forgetting: loss on the base's answers %.4f -> %.4f (x%.2f)",
+            probe_base_loss,
+            probe_tuned_loss,
+            probe.ratio,
+        )
+
+    published = None
+    if published_dir is not None and published_same_base:
+        model.load_adapter(str(Path(published_dir) / "adapter"), adapter_name="published")
+        model.set_adapter("published")
+        published = score(model, tokenizer, rows, prompts, references, spec, "published", matches_format)
+    elif published_dir is not None:
+        del model
+        other = load_causal_lm(Path(published_dir), dtype="float32", trust_remote_code=trust_remote_code)
+        published = score(other, tokenizer, rows, prompts, references, spec, "published", matches_format)
+    return EvalReport(
+        examples=len(rows),
+        base=base,
+        tuned=tuned,
+        references=references,
+        prompts=prompts,
+        rows=rows,
+        published=published,
+        published_version=published_version,
+        forgetting=probe,
+    )

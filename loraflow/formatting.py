@@ -91,6 +91,8 @@ def tokenize_conversations(
 ) -> list[TokenizedExample]:
     """`tokenize_with_mask` for many conversations, tokenized in one batch (the fast tokenizer's own
     threads do the work)."""
+    if not conversations:
+        return []
     rendered = [assistant_spans(tokenizer, messages) for messages in conversations]
     encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
     examples = []

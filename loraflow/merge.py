@@ -10,6 +10,7 @@ newest version (replaced in one rename), so a failed publish leaves the previous
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +22,23 @@ from loraflow.base_model import load_causal_lm, load_tokenizer
 from loraflow.templates import end_of_turn
 
 LATEST = "latest"
+RECORD = "publish_record.json"
+PROBE_TEXTS = ("Merged weights must match base plus adapter.",)
+
+
+class MergeError(RuntimeError):
+    """The merged model does not behave like base plus adapter; nothing was published."""
 
 
 @dataclass(frozen=True)
 class PublishResult:
     version: str
     path: str
+    merge_max_abs_diff: float
+    """Largest logit difference between the merged model and base plus adapter on the probes."""
+    merge_tolerance: float
     reload_max_abs_diff: float
+    """Largest logit difference between the saved-and-reloaded folder and the merged model."""
     weights_changed: bool
 
 
@@ -39,6 +50,27 @@ def publish_version(adapter_dir: Path, base_model_hash: str, dtype: str) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def default_tolerance(dtype: str) -> float:
+    """1e-3 for float32; for 16-bit weights a relative bound, applied as a fraction of the largest logit."""
+    return 1e-3 if dtype == "float32" else 0.05
+
+
+def latest_published(models_dir: Path) -> tuple[str, Path] | None:
+    """(version, folder) that `latest` names, or None when nothing is published yet."""
+    pointer = Path(models_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    version = pointer.read_text().strip()
+    folder = Path(models_dir) / version
+    return (version, folder) if folder.is_dir() else None
+
+
+def published_record(folder: Path) -> dict:
+    """The record a published version carries (empty for folders written before records existed)."""
+    path = Path(folder) / RECORD
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def merge_adapter(
     base_model_dir: Path,
     adapter_dir: Path,
@@ -47,24 +79,46 @@ def merge_adapter(
     dtype: str,
     model_card: str,
     trust_remote_code: bool = False,
+    probes: list[str] | None = None,
+    tolerance: float | None = None,
+    record: dict | None = None,
 ) -> PublishResult:
-    """Merge, save, reload and compare logits on a probe, then point `latest` at the new version."""
+    """Merge, check the merged logits against base plus adapter, save, reload and compare again,
+    then point `latest` at the new version. Any failure leaves `latest` where it was."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     # the adapter's tokenizer carries the chat template the adapter was trained with
     tokenizer = load_tokenizer(adapter_dir, trust_remote_code)
     base = load_causal_lm(base_model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
-    probe = tokenizer("Merged weights must match base plus adapter.", return_tensors="pt")["input_ids"].to(
-        base.device
-    )
-    with torch.no_grad():
-        base_logits = base(input_ids=probe).logits
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    merged.eval()
-    with torch.no_grad():
-        merged_logits = merged(input_ids=probe).logits
+    base.eval()
+    inputs = [
+        tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(base.device)
+        for text in (probes or PROBE_TEXTS)
+    ]
 
+    def logits_of(model) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [model(input_ids=ids).logits.float() for ids in inputs]
+
+    base_logits = logits_of(base)
+    tuned = PeftModel.from_pretrained(base, adapter_dir)
+    tuned.eval()
+    tuned_logits = logits_of(tuned)
+    merged = tuned.merge_and_unload()
+    merged.eval()
+    merged_logits = logits_of(merged)
+
+    merge_diff = max(float((m - t).abs().max()) for m, t in zip(merged_logits, tuned_logits, strict=True))
+    scale = 1.0 if dtype == "float32" else max(float(t.abs().max()) for t in tuned_logits)
+    allowed = (tolerance or default_tolerance(dtype)) * (scale if tolerance is None else 1.0)
+    if merge_diff > allowed:
+        raise MergeError(
+            f"the merged model's logits differ from base plus adapter by {merge_diff:.4g} (allowed {allowed:.4g}) "
+            f"in {dtype}; nothing was published. Publish in float32 (publish.dtype), or raise publish.merge_tolerance "
+            "if the difference is expected for this dtype"
+        )
+    weights_changed = any(not torch.equal(m, b) for m, b in zip(merged_logits, base_logits, strict=True))
     _stop_at_end_of_turn(merged, tokenizer)
 
     target = Path(models_dir) / version
@@ -72,20 +126,31 @@ def merge_adapter(
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if load_tokenizer(tmp, trust_remote_code).chat_template != tokenizer.chat_template:
-            raise RuntimeError(f"{target}: the saved chat template differs from the adapter's")
+            raise MergeError(f"{target}: the saved chat template differs from the adapter's")
         shutil.copytree(adapter_dir, tmp / "adapter")
         (tmp / "README.md").write_text(model_card, encoding="utf-8")
+        (tmp / RECORD).write_text(
+            json.dumps({"version": version, **(record or {})}, indent=2, sort_keys=True)
+        )
         reloaded = AutoModelForCausalLM.from_pretrained(
             tmp, dtype=merged.dtype, use_safetensors=True, device_map={"": str(merged.device)}
         )
-        with torch.no_grad():
-            reloaded_logits = reloaded(input_ids=probe).logits
+        reloaded.eval()
+        reload_diff = max(
+            float((r - m).abs().max()) for r, m in zip(logits_of(reloaded), merged_logits, strict=True)
+        )
+        if reload_diff > allowed:
+            raise MergeError(
+                f"{target}: the saved model reloads with logits {reload_diff:.4g} away from the merged one"
+            )
     _point_latest(Path(models_dir), version)
     return PublishResult(
         version=version,
         path=str(target),
-        reload_max_abs_diff=float((reloaded_logits - merged_logits).abs().max()),
-        weights_changed=not torch.allclose(base_logits, merged_logits),
+        merge_max_abs_diff=merge_diff,
+        merge_tolerance=allowed,
+        reload_max_abs_diff=reload_diff,
+        weights_changed=weights_changed,
     )
 
 

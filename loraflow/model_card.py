@@ -32,26 +32,32 @@ def render_model_card(
     training_config: dict,
     code_version: str,
     eval_table: str,
+    chat_template: str = "tokenizer",
+    adapter_version: str = "",
+    adapter_sha256: str = "",
 ) -> str:
-    """Markdown with a YAML metadata header and the lineage of the weights."""
+    """Markdown with a YAML metadata header and the lineage of the weights: every input by hash."""
     source_lines = "\n".join(
-        f"| {s['file']} | `{s['sha256'][:16]}` | {s['valid']} | {s['quarantined']} |" for s in sources
+        f"| {s['file']} | `{s['sha256']}` | {s['valid']} | {s['quarantined']} |" for s in sources
     )
     versions = "\n".join(f"- {k}: {v}" for k, v in library_versions().items())
+    datasets = ", ".join(json.dumps(s["file"].rsplit("/", 1)[-1]) for s in sources)
     return f"""---
 base_model: {base_model}
 license: {license}
 library_name: transformers
+pipeline_tag: text-generation
 tags: [loraflow, lora, {pipeline}]
-datasets: [{", ".join(s["file"].rsplit("/", 1)[-1] for s in sources)}]
+datasets: [{datasets}]
 ---
 
 # {pipeline}
 
 {description}
 
-Fine-tuned from `{base_model}` (content hash `{base_model_hash[:16]}`) with a LoRA adapter, merged
-into these weights. The adapter on its own is in `adapter/`.
+Fine-tuned from `{base_model}` with a LoRA adapter, merged into these weights. The adapter on its
+own is in `adapter/`. Prompts are rendered with the chat template saved beside the tokenizer
+(`{chat_template}`), the one training used.
 
 ## Evaluation (held-out split, base vs tuned)
 
@@ -59,11 +65,13 @@ into these weights. The adapter on its own is in `adapter/`.
 
 ## Lineage
 
-| source file | sha256 | accepted | quarantined |
+| source file | sha256 | accepted rows | quarantined rows |
 |---|---|---|---|
 {source_lines}
 
+- base model content hash (weights, config, tokenizer): `{base_model_hash}`
 - training dataset version: `{dataset_version}`
+- adapter version: `{adapter_version}`, weights sha256 `{adapter_sha256}`
 - code version: `{code_version}`
 
 ### Training configuration

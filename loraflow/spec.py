@@ -362,6 +362,30 @@ class GateSpec(Section):
     """How much better the tuned model must be: an absolute difference in the metric's own units
     (for eval_loss a decrease, for the others an increase). 0 means: not worse."""
 
+    max_forgetting_ratio: float | None = Field(default=None, gt=0)
+    """The most the tuned model may drift on general prompts: its loss on the base model's own
+    answers over the base's loss on them (1.0 is no drift; 1.5 allows half again). None: measured
+    and reported, not gated."""
+
+    must_beat_published: bool = False
+    """Also require the tuned model to be at least as good on `metric` as the version currently
+    published (scored on the same eval examples), so a retrain never replaces a better model."""
+
+
+class ForgettingSpec(Section):
+    enabled: bool = True
+    """Measure drift on general prompts outside the training domain."""
+
+    prompts: list[str] | None = None
+    """General prompts to probe with; None uses loraflow's built-in dozen (facts, arithmetic,
+    code, writing). Ignored when `file` is set."""
+
+    file: str | None = None
+    """A text file of prompts, one per line, relative to the project root."""
+
+    max_new_tokens: int = Field(default=48, ge=1)
+    """Length of the base model's greedy answers that both models are scored on."""
+
 
 class EvaluationSpec(Section):
     max_examples: int = Field(default=64, ge=1)
@@ -376,6 +400,13 @@ class EvaluationSpec(Section):
     format_regex: str | None = None
     """A regular expression every answer should match in full; gives the `format_match` metric."""
 
+    format_json_schema: dict | str | None = None
+    """A JSON schema every answer should satisfy (the answer parsed as JSON): inline, or the path of
+    a .json file relative to the project root. Gives `format_match`; use it or `format_regex`."""
+
+    forgetting: ForgettingSpec = Field(default_factory=ForgettingSpec)
+    """The forgetting probe: how far the tuned model drifted on prompts outside the task."""
+
     gate: GateSpec = Field(default_factory=GateSpec)
     """What the tuned model must achieve before `published_model` runs."""
 
@@ -389,10 +420,35 @@ class EvaluationSpec(Section):
                 raise ValueError(f"not a valid regular expression: {err}") from err
         return value
 
+    @field_validator("format_json_schema")
+    @classmethod
+    def _schema_is_valid(cls, value: dict | str | None) -> dict | str | None:
+        if isinstance(value, dict):
+            from jsonschema import Draft202012Validator
+            from jsonschema.exceptions import SchemaError as JsonSchemaError
+
+            try:
+                Draft202012Validator.check_schema(value)
+            except JsonSchemaError as err:
+                raise ValueError(f"not a valid JSON schema: {err.message}") from None
+        elif isinstance(value, str) and not value.endswith(".json"):
+            raise ValueError("give the schema inline (a mapping) or as the path of a .json file")
+        return value
+
     @model_validator(mode="after")
     def _gate_metric_is_computed(self) -> EvaluationSpec:
-        if self.gate.metric == "format_match" and self.format_regex is None:
-            raise ValueError("gate.metric 'format_match' needs evaluation.format_regex")
+        if self.format_regex is not None and self.format_json_schema is not None:
+            raise ValueError("format_regex and format_json_schema both define format_match; keep one")
+        if (
+            self.gate.metric == "format_match"
+            and self.format_regex is None
+            and self.format_json_schema is None
+        ):
+            raise ValueError("gate.metric 'format_match' needs evaluation.format_regex or format_json_schema")
+        if self.gate.max_forgetting_ratio is not None and not self.forgetting.enabled:
+            raise ValueError(
+                "gate.max_forgetting_ratio needs the forgetting probe: set forgetting.enabled: true"
+            )
         return self
 
 
@@ -400,6 +456,70 @@ class PublishSpec(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype of the merged weights. The adapter is merged into a base loaded in this dtype,
     never into 4-bit weights."""
+
+    license: str | None = None
+    """License in the model card's header. None: the base model's when loraflow knows it (the
+    built-in SmolLM2 is apache-2.0), else `other`. Fine-tunes inherit their base's terms."""
+
+    merge_tolerance: float | None = Field(default=None, gt=0)
+    """Largest allowed difference between the merged model's logits and base-plus-adapter logits
+    on probe inputs. None: 1e-3 for float32, 5% of the largest logit for 16-bit dtypes."""
+
+    hub_repo: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
+    )
+    """A Hugging Face Hub model repository, `<user or org>/<name>`, that each published version is
+    uploaded to by the `hub_model` asset (created if missing; one commit per version). Needs a token
+    with write access in HF_TOKEN, never logged. Unset: published locally only."""
+
+    hub_private: bool = True
+    """Create the hub repository private. Applies only when it is created; an existing one keeps
+    its visibility."""
+
+
+class TolerationSpec(Section):
+    key: str | None = None
+    """The taint key to tolerate, e.g. `nvidia.com/gpu`. Unset with `operator: Exists`: every taint."""
+
+    operator: Literal["Equal", "Exists"] = "Equal"
+    """`Equal`: the taint's value must equal `value`; `Exists`: any value of the key."""
+
+    value: str | None = None
+    """The taint value to match with `operator: Equal`."""
+
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """The taint effect to tolerate; unset: every effect."""
+
+
+class KubernetesSpec(Section):
+    """Where this pipeline's training pod runs when the trainer resource's mode is `kubernetes`.
+    Each key left unset takes the trainer resource's value; other modes ignore the section."""
+
+    gpus: int | None = Field(default=None, ge=0)
+    """GPUs for the pod (`resources.limits nvidia.com/gpu`); more than one runs torchrun with a
+    process per GPU. 0: a CPU-only pod."""
+
+    node_selector: dict[str, str] | None = None
+    """Node labels the pod must run on, e.g. `{nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}`."""
+
+    tolerations: list[TolerationSpec] | None = None
+    """Taints the pod tolerates, typically those that keep other work off the GPU nodes."""
+
+
+class PlanSpec(Section):
+    """What `python -m loraflow.plan <pipeline.yaml>` assumes for the time, cost and fit of a run."""
+
+    gpu: Literal["A100", "H100", "H200", "L4", "RTX 4090", "CPU"] = "A100"
+    """The accelerator the time and cost estimate assume: its dense bf16 peak FLOP/s and an assumed
+    utilisation come from loraflow.plan.cost. `CPU` is a 2-core machine like this project's."""
+
+    price_per_hour: float = Field(default=3.0, ge=0)
+    """Price of one GPU-hour, in your currency, for the cost estimate. 3.0 is a typical on-demand
+    A100 price."""
+
+    gpu_memory_gib: float | None = Field(default=None, gt=0)
+    """Memory of the GPU the run gets, in GiB, when it is not the named GPU's (e.g. 40 for an A100
+    40GB): the plan says whether the peak estimate fits in it. Unset: the named GPU's."""
 
 
 class PipelineSpec(Section):
@@ -431,6 +551,12 @@ class PipelineSpec(Section):
 
     publish: PublishSpec = Field(default_factory=PublishSpec)
     """How the merged model is written."""
+
+    kubernetes: KubernetesSpec = Field(default_factory=KubernetesSpec)
+    """GPUs, node selector and tolerations of the training pod on Kubernetes."""
+
+    plan: PlanSpec = Field(default_factory=PlanSpec)
+    """The GPU, price and memory the planner's time, cost and fit estimates assume."""
 
     root: Path = Field(exclude=True)
     """The project root that relative source paths resolve against (set by the loader)."""

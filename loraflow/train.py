@@ -81,6 +81,17 @@ class TrainResult:
     def trainable_percent(self) -> float:
         return 100 * self.trainable_params / self.total_params
 
+    @classmethod
+    def read(cls, adapter_dir: str | Path) -> TrainResult:
+        """The result a finished training wrote into its adapter folder."""
+        path = Path(adapter_dir) / TRAINING_SUMMARY
+        if not path.is_file():
+            raise TrainingError(f"the training finished, but {path} does not exist; see the training's log")
+        fields = json.loads(path.read_text(encoding="utf-8"))
+        for curve in ("loss_curve", "eval_curve"):
+            fields[curve] = [tuple(point) for point in fields[curve]]
+        return cls(**fields)
+
 
 # ---------------------------------------------------------------------------------------------
 # the pieces the loop is made of
@@ -186,7 +197,7 @@ def attach_lora(model, training: TrainingSpec):
             }
         )
         raise TrainingError(
-            f"training.lora.target_modules {training.lora.target_modules}: {err}. This model's linear layers "
+            f"training.lora.target_modules {training.lora.target_modules}: {str(err).rstrip('.')}. This model's linear layers "
             f"are named {', '.join(linear)}; list some of them, or use all-linear"
         ) from None
 
@@ -392,12 +403,13 @@ def train_adapter(
         model.enable_input_require_grads()
     model = attach_lora(model, training)
     trainable, total = count_parameters(model)
-    log.info(
-        "trainable params: %s || all params: %s || trainable%%: %.4f",
-        f"{trainable:,}",
-        f"{total:,}",
-        100 * trainable / total,
-    )
+    if ranks.main:
+        log.info(
+            "trainable params: %s || all params: %s || trainable%%: %.4f",
+            f"{trainable:,}",
+            f"{total:,}",
+            100 * trainable / total,
+        )
 
     train_rows = load_split(dataset_dir, "train")
     eval_rows = load_split(dataset_dir, "eval")[:EVAL_EXAMPLES] if training.eval_every else []
@@ -408,7 +420,7 @@ def train_adapter(
     if packed:
         units = pack_examples(train_rows, pack_to)
         efficiency = packing_efficiency(units, pack_to)
-        log.info(
+        (log.info if ranks.main else log.debug)(
             "packed %d examples into %d rows of %d tokens (%.1f%% real tokens)",
             len(train_rows),
             len(units),
@@ -474,7 +486,7 @@ def train_adapter(
         log.info("resuming from the checkpoint at step %d of %d", start_step, total_steps)
 
     model.train()
-    log.info(
+    (log.info if ranks.main else log.debug)(
         "training %s: %d steps of %d %s (%d train examples, %.2f epochs)%s",
         training.method,
         total_steps,
@@ -486,7 +498,7 @@ def train_adapter(
     )
 
     started = window_start = time.perf_counter()
-    window_tokens = 0
+    window_tokens, resumed_tokens = 0, tokens_seen
     last_checkpoint = start_step if state is not None else None
     try:
         for step in range(start_step, total_steps):
@@ -574,6 +586,7 @@ def train_adapter(
                         "learning_rate": lr,
                         "grad_norm": grad_norm,
                         "tokens_seen": tokens_seen,
+                        "tokens_per_second": (tokens_seen - resumed_tokens) / (time.perf_counter() - started),
                         "eval_loss": eval_curve[-1][1] if eval_curve and eval_curve[-1][0] == done else None,
                     }
                 )
@@ -596,7 +609,7 @@ def train_adapter(
         examples_seen=examples_seen,
         tokens_seen=tokens_seen,
         final_loss=loss_curve[-1][1],
-        tokens_per_second=round((tokens_seen - (state or {}).get("tokens_seen", 0)) / wall, 1),
+        tokens_per_second=round((tokens_seen - resumed_tokens) / wall, 1),
         wall_seconds=round(wall, 2),
         peak_memory_mb=round(peak_memory_mb(), 1),
         trainable_params=trainable,

@@ -7,8 +7,9 @@ broken file and key. Loading the others and hiding the broken one would silently
 schedule and its data checks; a load error is shown on the UI's front page instead, and the
 fix is one edit away.
 
-Environment: LORAFLOW_PIPELINES (folder of YAML files, default: this folder) and LORAFLOW_HOME
-(the artifact store and warehouse, default: .loraflow in the project root).
+Environment: LORAFLOW_PIPELINES (folder of YAML files, default: this folder), LORAFLOW_HOME
+(the artifact store and warehouse, default: .loraflow in the project root) and HF_TOKEN (the token
+the `hub` resource uploads with; read only by runs that upload, for pipelines with publish.hub_repo).
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from dagster import Definitions
+from dagster import Definitions, EnvVar
 
 from assets import pipeline_assets, source_partitions
 from loraflow.spec import PipelineSpec, SpecError, load_specs
 from pipelines.paths import default_home, default_pipelines_dir
 from pipelines.sensors import build_source_sensor
-from resources import ArtifactStore, ManifestIOManager, Trainer, Warehouse
+from resources import ArtifactStore, HubPublisher, ManifestIOManager, Trainer, Warehouse
 
 
 def load_pipelines(folder: Path) -> list[PipelineSpec]:
@@ -43,6 +44,8 @@ def pipeline_resources(home: Path) -> dict:
         "store": ArtifactStore(root=str(home)),
         "trainer": Trainer(),
         "io_manager": ManifestIOManager(root=str(home)),
+        # read when a run that uploads starts; runs that do not upload never need HF_TOKEN
+        "hub": HubPublisher(token=EnvVar("HF_TOKEN")),
     }
 
 

@@ -82,6 +82,8 @@ def run_pipeline(spec: PipelineSpec, instance: DagsterInstance, home: Path) -> d
             return {"success": False, "failed_at": f"partition {key}"}
     print(f"[{spec.name}] formatting, training, evaluating and publishing")
     downstream = [AssetKey([spec.name, stage]) for stage in STAGES if stage not in PARTITIONED_STAGES]
+    if spec.publish.hub_repo:
+        downstream.append(AssetKey([spec.name, "hub_model"]))
     result = materialize(
         assets,
         selection=downstream,

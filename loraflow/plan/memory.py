@@ -1,0 +1,653 @@
+"""Peak memory of a training step, from the model's shape and the training settings.
+
+The estimate is a list of items, each in one of six categories (weights, LoRA parameters,
+gradients, optimizer states, activations, overhead) and alive in one of two moments of a step:
+
+    backward start   weights, adapters, optimizer states, every saved activation, the loss's
+                     three vocabulary-wide fp32 buffers (and the adapters' gradients, which are
+                     allocated from here on)
+    optimizer step   weights, adapters, gradients, optimizer states and the step's own buffer;
+                     the activations are freed by then
+
+The peak is the larger of the two, plus the overhead that is there all the time. For LoRA and
+QLoRA the backward start wins; for full fine-tuning with AdamW the optimizer step usually does.
+
+Bytes per parameter (N: all parameters, Nq: the decoder layers' linear weights, which 8- and 4-bit
+loads quantize, No = N - Nq: embeddings, norms, head; Na: adapter parameters):
+
+    full, fp32 master weights   4·N weights + 4·N gradients + 8·N AdamW moments + 4·N AdamW step
+                                buffer (PyTorch's foreach AdamW builds sqrt(v) for all parameters
+                                at once) = 20 bytes per parameter at the step; with a 16-bit
+                                `dtype` autocast also keeps a 2·N copy of the weights from the
+                                forward until the backward has used it
+    lora, base in `dtype`       N · 2 (bfloat16/float16) or 4 (float32)
+    lora, 8-bit base            Nq · (1 + 4/in) (int8 plus an fp32 scale per output row) + No · 4
+    qlora (NF4, blocksize 64)   Nq · 4.127/8 with double quantization (4 bits + an 8-bit absmax per
+                                64 weights + an fp32 absmax per 256 blocks: 4 + 8/64 + 32/16384),
+                                Nq · 4.5/8 without (4 + 32/64) + No · 4
+    adapters                    Na · (4 weights + 4 gradients + 8 AdamW) bytes; PEFT keeps adapter
+                                weights in fp32 whatever the base dtype
+
+No · 4 for 8- and 4-bit bases: peft's prepare_model_for_kbit_training (which loraflow calls)
+casts every 16-bit parameter that is not quantized to fp32. It has a second consequence: the
+embeddings emit fp32, the norms keep fp32, and bitsandbytes' layers hand back their input's dtype,
+so a QLoRA model's activations are fp32 even when `compute_dtype` is bfloat16.
+
+8-bit optimizers (bitsandbytes) keep both moments in 8 bits with an fp32 absmax per 256 values:
+2 + 8/256 bytes per parameter; tensors under 4,096 values keep fp32 moments. `paged_adamw_8bit`
+has the same size; its pages can move to CPU memory under pressure, but the planner counts them
+on the device.
+
+Activations: see `layer_activation_terms` for the derivation, one decoder layer at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from loraflow.plan.shapes import LINEAR_MODULES, ModelShape, PlanError
+
+Method = Literal["full", "lora", "qlora"]
+Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]
+Category = Literal["weights", "lora", "gradients", "optimizer", "activations", "overhead"]
+Phase = Literal["always", "backward", "step", "backward+step"]
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+ADAPTER_BYTES = 4  # PEFT casts adapter weights to fp32 (autocast_adapter_dtype) on 16-bit bases
+NF4_BLOCK = 64
+NF4_SECOND_BLOCK = 256
+OPTIM8_BLOCK = 256
+OPTIM8_MIN_SIZE = 4096
+GIB = 2**30
+MIB = 2**20
+GB = 10**9
+
+CPU_RUNTIME_BYTES = 600 * MIB
+"""Resident memory of a CPU training process before its model: Python with torch, transformers,
+peft, bitsandbytes and loraflow imported, the tokenizer and the dataset loaded, thread pools
+started. Measured on this project's machine (Linux x86_64, torch 2.13 CPU): 520 MiB right after
+the imports and the tokenizer, about 600 MiB once a tiny model (12 MB) is training."""
+
+CPU_FRAGMENTATION = 0.5
+"""On a CPU, glibc's allocator serves the many equal-sized activation tensors of a step from its
+heap once their size passes its (self-raising) mmap threshold, and the heap grows past the live
+peak because freed blocks do not fit the next requests: measured on SmolLM2-135M, the heap reached
+1.35 to 1.45 times the live peak of a step. The planner adds half the activations."""
+
+GPU_CONTEXT_BYTES = 512 * MIB
+"""The CUDA context, cuBLAS workspaces and kernels of a PyTorch process: about 0.5 GiB on recent
+GPUs. Outside what torch.cuda.max_memory_allocated() counts."""
+
+GPU_FRAGMENTATION = 0.05
+"""PyTorch's caching allocator reserves a little more than it hands out (blocks rounded up,
+segments split); the planner adds 5% of the allocated peak."""
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What is trained and how: the settings memory and compute depend on."""
+
+    method: Method = "qlora"
+    """`full` (every weight trains), `lora` (adapters on a frozen base) or `qlora` (on a 4-bit base)."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Compute dtype: the base weights' dtype for `lora`; the autocast dtype over fp32 master
+    weights for `full`; the dequantization dtype for `qlora`."""
+
+    base_bits: Literal[4, 8, 16, 32] | None = None
+    """Bits per frozen base weight: None follows the method (4 for qlora, `dtype` for lora); 8 plans
+    LoRA on an int8 base (bitsandbytes LLM.int8), which loraflow itself does not load."""
+
+    double_quant: bool = True
+    """4-bit only: quantize the absmax constants too (4.127 instead of 4.5 bits per weight)."""
+
+    lora_r: int = 16
+    """Adapter rank."""
+
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    """Adapted linear layers, or ("all-linear",) for all seven of each decoder layer."""
+
+    lora_dropout: float = 0.05
+    """Dropout on the adapter input: above 0 each adapted layer keeps its own dropped copy of its
+    input and the dropout mask."""
+
+    use_dora: bool = False
+    """DoRA adds a magnitude vector per adapted layer (counted); its per-step weight-norm
+    computation (a dequantized copy of one weight at a time) is not."""
+
+    modules_to_save: tuple[str, ...] = ()
+    """Modules trained in full beside the adapters (`lm_head`, `embed_tokens`): PEFT trains a copy
+    of each, counted at vocab x hidden fp32 weights, gradients and AdamW moments."""
+
+    optimizer: Optimizer = "adamw"
+    """`adamw` (fp32 moments), `adamw_8bit` or `paged_adamw_8bit` (bitsandbytes 8-bit moments)."""
+
+    batch_size: int = 1
+    """Sequences (or packed rows) per forward pass."""
+
+    seq_len: int = 512
+    """Tokens per sequence: the longest example of a padded batch, or the packed row length."""
+
+    gradient_checkpointing: bool = False
+    """Keep only each decoder layer's input and recompute the layer in the backward pass."""
+
+    packing: bool = False
+    """Examples packed into rows: rows are `seq_len` long and carry a block-diagonal mask."""
+
+    padded: bool = True
+    """Batches mix lengths, so they carry a padding mask (sdpa then needs key-value heads repeated
+    and keeps a mask per layer). False for data of one length, as in bench/gpu_train.py."""
+
+    attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel: sdpa and flash-attention keep O(tokens) per layer, eager the full
+    probability matrix."""
+
+    trained_fraction: float = 1.0
+    """Share of tokens whose next token is trained. loraflow runs the output head only on those
+    (a chat dataset's answers); other trainers run it on every token (1.0)."""
+
+    device: Literal["cuda", "cpu"] = "cuda"
+    """Where training runs: decides the overhead and a few kernel details (dropout masks are bytes
+    on a GPU and full-width on a CPU)."""
+
+    @property
+    def bits(self) -> int:
+        """Bits per frozen base weight (full: the fp32 master weights)."""
+        if self.method == "full":
+            return 32
+        if self.method == "qlora":
+            return 4
+        return self.base_bits or 8 * DTYPE_BYTES[self.dtype]
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per forward pass: batch_size x seq_len."""
+        return self.batch_size * self.seq_len
+
+    @property
+    def masked(self) -> bool:
+        """Whether attention gets an explicit mask (padding or packing, except with flash-attention,
+        which takes lengths instead)."""
+        return (self.packing or self.padded) and self.attention != "flash_attention_2"
+
+    def targets(self, shape: ModelShape) -> tuple[str, ...]:
+        """The adapted linear layers; a name the planner does not know is an error naming them."""
+        if self.method == "full":
+            return ()
+        if self.target_modules in (("all-linear",), "all-linear"):
+            return LINEAR_MODULES
+        unknown = [m for m in self.target_modules if m not in LINEAR_MODULES]
+        if unknown:
+            raise PlanError(
+                f"target_modules {', '.join(unknown)}: the planner knows a Llama-style layer's "
+                f"{', '.join(LINEAR_MODULES)} (or all-linear)"
+            )
+        return tuple(m for m in LINEAR_MODULES if m in self.target_modules)
+
+    def describe(self) -> str:
+        method = {
+            "full": f"full fine-tuning ({self.dtype} autocast over fp32 weights)"
+            if self.dtype != "float32"
+            else "full fine-tuning (fp32)",
+            "lora": f"LoRA r={self.lora_r} on a {self.bits}-bit base",
+            "qlora": f"QLoRA r={self.lora_r} (NF4{' double-quantized' if self.double_quant else ''})",
+        }[self.method]
+        targets = "" if self.method == "full" else f" on {'/'.join(self.target_modules)}"
+        return (
+            f"{method}{targets}, {self.optimizer}, batch {self.batch_size} x {self.seq_len} tokens"
+            f"{', packed' if self.packing else ''}"
+            f", gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}, {self.device}"
+        )
+
+
+@dataclass(frozen=True)
+class Item:
+    """One term of the estimate."""
+
+    category: Category
+    label: str
+    bytes: int
+    phase: Phase
+    formula: str
+    """How the bytes were counted, with the numbers."""
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak memory of one training step, itemized. `allocated` is what the framework's allocator
+    hands out (comparable to torch.cuda.max_memory_allocated); `peak` adds the overhead."""
+
+    shape: ModelShape
+    setup: Setup
+    items: list[Item] = field(default_factory=list)
+
+    def _phase_total(self, phase: str) -> int:
+        return sum(i.bytes for i in self.items if i.category != "overhead" and phase in i.phase.split("+"))
+
+    @property
+    def always(self) -> int:
+        return sum(i.bytes for i in self.items if i.phase == "always" and i.category != "overhead")
+
+    @property
+    def backward(self) -> int:
+        """Allocated at the start of the backward pass."""
+        return self.always + self._phase_total("backward")
+
+    @property
+    def step(self) -> int:
+        """Allocated during the optimizer step."""
+        return self.always + self._phase_total("step")
+
+    @property
+    def peak_phase(self) -> str:
+        return "backward start" if self.backward >= self.step else "optimizer step"
+
+    @property
+    def allocated(self) -> int:
+        """The larger of the two moments: the most the allocator hands out at once."""
+        return max(self.backward, self.step)
+
+    @property
+    def overhead(self) -> int:
+        return sum(i.bytes for i in self.items if i.category == "overhead")
+
+    @property
+    def peak(self) -> int:
+        """Allocated peak plus overhead: what the device must have free."""
+        return self.allocated + self.overhead
+
+    @property
+    def peak_mib(self) -> float:
+        return self.peak / MIB
+
+    @property
+    def allocated_mib(self) -> float:
+        return self.allocated / MIB
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak / GIB
+
+    def total(self, category: Category) -> int:
+        """Bytes of one category (each item at its own largest)."""
+        return sum(i.bytes for i in self.items if i.category == category)
+
+    def breakdown(self) -> dict[str, int]:
+        """Bytes per category, in the issue's order."""
+        categories: tuple[Category, ...] = ("weights", "lora", "gradients", "optimizer", "activations", "overhead")
+        return {c: self.total(c) for c in categories}
+
+    def table(self, unit: str = "GiB") -> str:
+        """A Markdown table of every item with its formula, and the peak."""
+        scale = {"GiB": GIB, "GB": GB, "MiB": MIB}[unit]
+        lines = [f"| item | {unit} | when | how |", "|---|---|---|---|"]
+        for item in self.items:
+            lines.append(
+                f"| {item.category}: {item.label} | {item.bytes / scale:,.2f} | {item.phase} | {item.formula} |"
+            )
+        lines.append(
+            f"| **peak** ({self.peak_phase} + overhead) | **{self.peak / scale:,.2f}** | | "
+            f"backward start {self.backward / scale:,.2f}, optimizer step {self.step / scale:,.2f}, "
+            f"overhead {self.overhead / scale:,.2f} |"
+        )
+        return "\n".join(lines)
+
+    def metadata(self) -> dict[str, float | str]:
+        """Flat figures with stable keys, for Dagster metadata."""
+        figures: dict[str, float | str] = {
+            f"plan_{name}_gib": round(value / GIB, 3) for name, value in self.breakdown().items()
+        }
+        figures["plan_peak_gib"] = round(self.peak / GIB, 3)
+        figures["plan_allocated_gib"] = round(self.allocated / GIB, 3)
+        figures["plan_peak_phase"] = self.peak_phase
+        figures["plan_setup"] = self.setup.describe()
+        return figures
+
+    def with_setup(self, **changes) -> MemoryEstimate:
+        """The estimate for the same model with some settings changed."""
+        return estimate_memory(self.shape, replace(self.setup, **changes))
+
+
+# ---------------------------------------------------------------------------------------------
+# activations
+
+
+def layer_activation_terms(shape: ModelShape, setup: Setup) -> dict[str, float]:
+    """Bytes one decoder layer keeps for the backward pass, per token, by what keeps them.
+
+    Derived from what autograd saves in a Llama layer (transformers 5, PEFT LoRA, sdpa), with
+    h = hidden, q = heads x head_dim, kv = key-value heads x head_dim, I = MLP width, r = rank:
+
+    - RMSNorm (twice): its input upcast to fp32 (4h each; for a fp32 stream it is the stream
+      itself) and 1/rms (4 bytes). With a trainable norm weight (full) also its normalized output.
+    - A frozen linear layer keeps nothing of its input (its input gradient needs only the weight);
+      a trainable one keeps its input. An adapted one keeps, for its A matrix, its input as the
+      adapter sees it: a dropped-out copy plus the dropout mask when dropout > 0, else an fp32 copy
+      when the input is 16-bit (the adapters are fp32), else the input itself (shared by q, k, v
+      and by gate, up). Its A output (r values) is kept for B.
+    - Attention: q and k after the rotary embedding, v, the output and the log-sum-exp (fp32 per
+      head). With a mask, sdpa needs k and v repeated to all q heads (grouped-query models), and
+      keeps the mask (n per token). Eager attention keeps the probabilities (fp32 softmax output
+      and its cast, heads x n per token).
+    - MLP: the gate projection's output (for SiLU's backward), SiLU's output and the up output
+      (for the product's), 3·I.
+
+    Checked against autograd's saved tensors (torch.autograd.graph.saved_tensors_hooks) on a small
+    Llama for LoRA on q/k/v/o and all-linear, with and without dropout, fp32 and bf16, and QLoRA.
+    """
+    h, q, kv, i_dim = shape.hidden_size, shape.q_dim, shape.kv_dim, shape.intermediate_size
+    full = setup.method == "full"
+    quantized = setup.bits <= 8 and not full
+    compute = DTYPE_BYTES[setup.dtype]
+    # s: the residual stream and norm outputs; t: linear outputs (q, k, v, attention, MLP)
+    if full:
+        s, t = 4, compute
+    elif quantized:
+        s = t = 4
+    else:
+        s = t = compute
+    adapter = ADAPTER_BYTES
+    mask_byte = 1 if setup.device == "cuda" else adapter  # CUDA dropout masks are bool
+    targets = set(setup.targets(shape))
+    terms: dict[str, float] = {"norm inputs (fp32) and 1/rms": 2 * 4 * h + 8}
+    if full:
+        terms["norm outputs (for the norm weights' gradients)"] = 2 * s * h
+
+    # (input width, input bytes, the linear layers reading it, whether something else keeps it)
+    groups = {
+        "attention input": (h, s, ("q_proj", "k_proj", "v_proj"), False),
+        "attention output": (q, t, ("o_proj",), True),
+        "MLP input": (h, s, ("gate_proj", "up_proj"), False),
+        "MLP product": (i_dim, t, ("down_proj",), False),
+    }
+    for name, (width, in_bytes, readers, kept_elsewhere) in groups.items():
+        if full:
+            if in_bytes != compute:  # autocast casts the input once per linear layer
+                terms[f"{name}, cast for each of {', '.join(readers)}"] = len(readers) * compute * width
+            elif not kept_elsewhere:
+                terms[f"{name}, for the weights' gradients"] = in_bytes * width
+            continue
+        adapted = [m for m in readers if m in targets]
+        if not adapted:
+            continue
+        if setup.lora_dropout > 0:
+            terms[f"{name}: dropped-out copy and mask for {', '.join(adapted)}"] = len(adapted) * (
+                adapter + mask_byte
+            ) * width
+        elif in_bytes != adapter:
+            terms[f"{name}: fp32 copy for {', '.join(adapted)}"] = len(adapted) * adapter * width
+        elif not kept_elsewhere:
+            terms[f"{name}, for the adapters of {', '.join(adapted)}"] = in_bytes * width
+    if targets:
+        terms["adapter A outputs (r each)"] = len(targets) * adapter * setup.lora_r
+
+    repeat = setup.masked and shape.num_kv_heads != shape.num_heads or setup.attention == "eager"
+    k_and_v = 2 * t * (q if repeat else kv)
+    terms["attention: q, k, v" + (" (k, v repeated to every head)" if repeat else "")] = t * q + k_and_v
+    terms["attention: output and log-sum-exp"] = t * q + 4 * shape.num_heads
+    if setup.attention == "eager":
+        terms["attention probabilities (eager)"] = (4 + t) * shape.num_heads * setup.seq_len
+    if setup.masked:
+        terms["attention mask, per layer"] = s * setup.seq_len
+    terms["MLP: gate output, SiLU output, up output"] = 3 * t * i_dim
+    return terms
+
+
+def _activation_items(shape: ModelShape, setup: Setup) -> list[Item]:
+    """The activation items of one step: the layers' stash (or, with checkpointing, the layer
+    inputs plus one recomputed layer), the loss over the vocabulary, and the backward's working set.
+
+    - Loss: the head's logits for every trained token, in fp32 for the cross-entropy; at the start
+      of the backward pass three such buffers exist at once (log-softmax's saved output, the
+      gradient coming in, the gradient going out): 12·V bytes per trained token. For a small model
+      with a large vocabulary this is the largest activation.
+    - Backward working set: while one layer is differentiated, the gradients of its MLP
+      intermediates (3·I per token); the larger of this and the loss buffers counts, as they are
+      not alive together. QLoRA adds one dequantized weight (the largest linear layer) at a time.
+    - Checkpointing (transformers, one checkpoint per decoder layer): each layer's input is kept
+      (stream dtype x h per token), and the layer being differentiated is recomputed whole, so one
+      layer's stash is alive on top.
+    """
+    terms = layer_activation_terms(shape, setup)
+    per_layer = sum(terms.values())
+    tokens, n_layers = setup.tokens, shape.num_layers
+    full = setup.method == "full"
+    quantized = setup.bits <= 8 and not full
+    compute = DTYPE_BYTES[setup.dtype]
+    stream = 4 if (full or quantized) else compute
+    t = compute if full else stream
+    h, vocab = shape.hidden_size, shape.vocab_size
+    logit_tokens = max(1, round(tokens * setup.trained_fraction))
+    loss_bytes = 12 * vocab * logit_tokens
+    working = 3 * t * shape.intermediate_size * tokens
+    if quantized:
+        working += compute * max(i * o for i, o in shape.linears().values())
+    final = 4 * h * tokens + (stream * h * logit_tokens if full else 0)  # final norm; head input (full)
+    items = []
+    if setup.gradient_checkpointing:
+        kept = n_layers * stream * h * tokens
+        mask = stream * setup.seq_len * tokens if setup.masked else 0
+        items.append(
+            Item(
+                "activations",
+                "checkpointed layer inputs",
+                kept + mask + final,
+                "backward",
+                f"{n_layers} layers x {stream}·{h} bytes x {tokens:,} tokens"
+                + (" + one attention mask" if mask else "")
+                + " + the final norm's input",
+            )
+        )
+        items.append(
+            Item(
+                "activations",
+                "one recomputed layer + backward working set, or the loss",
+                max(per_layer * tokens + working, loss_bytes),
+                "backward",
+                f"max(one layer's stash {per_layer:,.0f} B/token x {tokens:,} + working set "
+                f"{working / MIB:,.1f} MiB, loss 12·{vocab:,}·{logit_tokens:,} trained tokens)",
+            )
+        )
+        return items
+    items.append(
+        Item(
+            "activations",
+            "saved by every layer",
+            round(n_layers * per_layer * tokens) + final,
+            "backward",
+            f"{n_layers} layers x {per_layer:,.0f} B/token x {tokens:,} tokens + the final norm's input",
+        )
+    )
+    items.append(
+        Item(
+            "activations",
+            "loss over the vocabulary, or the backward working set",
+            max(loss_bytes, working),
+            "backward",
+            f"max(12 bytes x vocab {vocab:,} x {logit_tokens:,} trained tokens, "
+            f"MLP gradients 3·{t}·{shape.intermediate_size} x {tokens:,} tokens"
+            + (", + one dequantized weight" if quantized else "")
+            + ")",
+        )
+    )
+    return items
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole estimate
+
+
+def adapter_params(shape: ModelShape, setup: Setup) -> int:
+    """Adapter parameters: r·(in + out) per adapted linear layer per decoder layer (A is r x in,
+    B is out x r), plus a magnitude vector (out) per adapted layer with DoRA."""
+    linears = shape.linears()
+    per_layer = sum(setup.lora_r * (linears[m][0] + linears[m][1]) for m in setup.targets(shape))
+    if setup.use_dora:
+        per_layer += sum(linears[m][1] for m in setup.targets(shape))
+    return shape.num_layers * per_layer
+
+
+def saved_module_params(shape: ModelShape, setup: Setup) -> int:
+    """Parameters of the full copies PEFT trains for `modules_to_save` (vocab x hidden each)."""
+    if setup.method == "full":
+        return 0
+    return sum(shape.vocab_size * shape.hidden_size for m in setup.modules_to_save if m in ("lm_head", "embed_tokens"))
+
+
+def _trainable_tensors(shape: ModelShape, setup: Setup) -> list[int]:
+    """Sizes of the trainable tensors of one decoder layer, for the 8-bit optimizer's size rule."""
+    linears = shape.linears()
+    if setup.method == "full":
+        return [i * o for i, o in linears.values()]
+    sizes = []
+    for m in setup.targets(shape):
+        sizes += [setup.lora_r * linears[m][0], setup.lora_r * linears[m][1]]
+    return sizes
+
+
+def _weight_items(shape: ModelShape, setup: Setup) -> list[Item]:
+    n, nq, no = shape.params, shape.quantizable_params, shape.unquantized_params
+    if setup.method == "full":
+        items = [Item("weights", "fp32 master weights", 4 * n, "always", f"{n / 1e9:.3f}B params x 4 bytes")]
+        if setup.dtype != "float32":
+            items.append(
+                Item(
+                    "weights",
+                    f"{setup.dtype} copies made by autocast",
+                    2 * n,
+                    "backward",
+                    f"{n / 1e9:.3f}B params x 2 bytes, kept from the forward pass until the backward used them",
+                )
+            )
+        return items
+    bits = setup.bits
+    if bits >= 16:
+        return [
+            Item("weights", f"base in {bits} bits", n * bits // 8, "always", f"{n / 1e9:.3f}B params x {bits // 8} bytes")
+        ]
+    if bits == 8:
+        scales = shape.num_layers * sum(o for _, o in shape.linears().values())
+        quantized = nq + 4 * scales
+        how = f"{nq / 1e9:.3f}B linear weights x 1 byte + an fp32 scale per output row"
+    else:
+        per_weight = 4 + 8 / NF4_BLOCK + 32 / (NF4_BLOCK * NF4_SECOND_BLOCK) if setup.double_quant else 4 + 32 / NF4_BLOCK
+        quantized = round(nq * per_weight / 8)
+        how = f"{nq / 1e9:.3f}B linear weights x {per_weight:.3f} bits (NF4, blocks of {NF4_BLOCK})"
+    return [
+        Item("weights", f"{bits}-bit linear weights", quantized, "always", how),
+        Item(
+            "weights",
+            "embeddings, norms, head in fp32",
+            4 * no,
+            "always",
+            f"{no / 1e9:.3f}B params x 4 bytes (prepare_model_for_kbit_training upcasts them)",
+        ),
+    ]
+
+
+def _optimizer_bytes(trainable: int, sizes: list[int], n_layers: int, extra_fp32: int, setup: Setup) -> tuple[int, str]:
+    if setup.optimizer == "adamw":
+        return 8 * trainable, f"{trainable:,} trainable x 8 bytes (two fp32 moments)"
+    small = n_layers * sum(s for s in sizes if s < OPTIM8_MIN_SIZE) + extra_fp32
+    large = trainable - small
+    states = round(large * (2 + 8 / OPTIM8_BLOCK)) + 8 * small
+    return states, (
+        f"{large:,} x (2 + 8/{OPTIM8_BLOCK}) bytes (8-bit moments, fp32 absmax per {OPTIM8_BLOCK})"
+        + (f" + {small:,} in small tensors x 8 bytes" if small else "")
+    )
+
+
+def estimate_memory(shape: ModelShape, setup: Setup) -> MemoryEstimate:
+    """The itemized peak memory of one training step of `shape` with `setup`."""
+    if setup.batch_size < 1 or setup.seq_len < 1:
+        raise PlanError(f"batch size and sequence length must be at least 1 (got {setup.batch_size}, {setup.seq_len})")
+    items = _weight_items(shape, setup)
+    full = setup.method == "full"
+    if full:
+        trainable = shape.params
+        extra = shape.unquantized_params  # embeddings, norms, head: counted apart from the layers' linears
+    else:
+        copies = saved_module_params(shape, setup)
+        trainable = adapter_params(shape, setup) + copies
+        extra = 0
+        if copies:
+            items.append(
+                Item(
+                    "lora",
+                    f"trained copies of {', '.join(setup.modules_to_save)}",
+                    4 * copies,
+                    "always",
+                    f"{copies:,} params x 4 bytes",
+                )
+            )
+        items.append(
+            Item(
+                "lora",
+                "adapter weights (fp32)",
+                ADAPTER_BYTES * (trainable - copies),
+                "always",
+                f"{trainable - copies:,} params = {shape.num_layers} layers x r={setup.lora_r} x (in + out) of "
+                f"{', '.join(setup.targets(shape))}, x 4 bytes",
+            )
+        )
+    items.append(
+        Item(
+            "gradients",
+            "fp32 gradients of the trainable weights",
+            4 * trainable,
+            "step" if full else "backward+step",
+            f"{trainable:,} x 4 bytes"
+            + (" (they grow while the activations are freed; counted at the step)" if full else ""),
+        )
+    )
+    states, how = _optimizer_bytes(trainable, _trainable_tensors(shape, setup), shape.num_layers, extra, setup)
+    items.append(Item("optimizer", f"{setup.optimizer} states", states, "always", how))
+    if setup.optimizer == "adamw":
+        if setup.device == "cuda":
+            step_buffer, how = 4 * trainable, f"{trainable:,} x 4 bytes: foreach AdamW's sqrt(v) for all at once"
+        else:
+            largest = max(_trainable_tensors(shape, setup) + ([shape.embedding_params] if full else []))
+            step_buffer, how = 4 * largest, "4 bytes x the largest trainable tensor (AdamW's loop on a CPU)"
+        items.append(Item("optimizer", "AdamW step buffer", step_buffer, "step", how))
+    items += _activation_items(shape, setup)
+    estimate = MemoryEstimate(shape, setup, items)
+    activations = estimate.total("activations")
+    overhead: list[Item] = []
+    if setup.device == "cuda":
+        overhead.append(Item("overhead", "CUDA context and workspaces", GPU_CONTEXT_BYTES, "always", "about 0.5 GiB"))
+        overhead.append(
+            Item(
+                "overhead",
+                "caching allocator slack",
+                round(GPU_FRAGMENTATION * estimate.allocated),
+                "always",
+                f"{GPU_FRAGMENTATION:.0%} of the allocated peak",
+            )
+        )
+    else:
+        overhead.append(
+            Item("overhead", "Python, torch and libraries", CPU_RUNTIME_BYTES, "always", "measured: about 600 MiB")
+        )
+        overhead.append(
+            Item(
+                "overhead",
+                "heap fragmentation (glibc)",
+                round(CPU_FRAGMENTATION * activations),
+                "always",
+                f"{CPU_FRAGMENTATION:.0%} of the activations",
+            )
+        )
+        converted = setup.bits <= 8 or shape.checkpoint_dtype not in (None, setup.dtype)
+        if setup.method != "full" and converted and shape.checkpoint_bytes:
+            overhead.append(
+                Item(
+                    "overhead",
+                    "checkpoint file pages",
+                    shape.checkpoint_bytes,
+                    "always",
+                    "the safetensors files stay mapped after loading converts or quantizes them "
+                    "(clean pages, which the kernel can drop under pressure)",
+                )
+            )
+    return MemoryEstimate(shape, setup, items + overhead)

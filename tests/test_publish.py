@@ -1,0 +1,159 @@
+"""The gate, the merge and the registry: a bad adapter publishes nothing, a merged model behaves like
+base plus adapter, and a publish that fails midway leaves the previous version in place."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import write_yaml
+from dagster import AssetCheckKey, AssetKey, instance_for_test
+
+from loraflow.demo_data import generate_examples
+from loraflow.merge import LATEST, MergeError, merge_adapter, publish_version
+from loraflow.spec import LoraSpec, TrainingSpec, load_spec
+from loraflow.train import train_adapter
+from pipelines.run import run_pipeline
+
+PIPELINE = """
+data:
+  sources:
+    - {{path: data/train.jsonl, format: alpaca, split: train}}
+    - {{path: data/heldout.jsonl, format: alpaca, split: eval}}
+format:
+  system_prompt: You triage customer messages.
+base_model:
+  source: {model}
+training:
+  method: lora
+  lora: {{r: 16, alpha: 32, dropout: 0.0, target_modules: all-linear}}
+  max_steps: 20
+  batch_size: 8
+  learning_rate: 1.0e-2
+evaluation:
+  max_examples: 16
+  max_new_tokens: 4
+  gate:
+    metric: eval_loss
+    min_improvement: 0.1
+"""
+
+
+def write_records(path, examples, corrupt: bool = False) -> None:
+    with path.open("w", encoding="utf-8") as out:
+        for e in examples:
+            record = dict(e, output=e["output"][::-1]) if corrupt else e
+            out.write(json.dumps(record) + "\n")
+
+
+def test_an_adapter_trained_on_corrupted_answers_fails_the_gate_and_publishes_nothing(
+    project, tiny_model_dir
+):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    examples = generate_examples(100, seed=3)
+    write_records(project / "data" / "train.jsonl", examples[:80])
+    write_records(project / "data" / "heldout.jsonl", examples[80:])
+    spec = load_spec(write_yaml(project / "pipelines", "triage", PIPELINE.format(model=tiny_model_dir)))
+    home = project / ".loraflow"
+    with instance_for_test() as instance:
+        good = run_pipeline(spec, instance, home)
+        assert good["success"], good
+        published = good["published"]
+
+        # the merged folder generates exactly what base plus adapter generates (greedy, same prompt)
+        adapter_dir = home / "models" / "triage" / published["version"] / "adapter"
+        tokenizer = AutoTokenizer.from_pretrained(published["path"])
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": examples[90]["instruction"] + "\n\n" + examples[90]["input"]}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        merged = AutoModelForCausalLM.from_pretrained(published["path"])
+        tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir)
+        with torch.no_grad():
+            options = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+            assert torch.equal(merged.generate(**ids, **options), tuned.generate(**ids, **options))
+
+        # the model card names every input by its full hash
+        card = (home / "models" / "triage" / published["version"] / "README.md").read_text()
+        record = json.loads(
+            (home / "models" / "triage" / published["version"] / "publish_record.json").read_text()
+        )
+        manifests = home / "manifests" / "triage"
+        base = json.loads((manifests / "base_model.json").read_text())
+        adapter = json.loads((manifests / "adapter.json").read_text())
+        from loraflow.artifacts import file_sha256
+
+        for path in ("data/train.jsonl", "data/heldout.jsonl"):
+            assert file_sha256(project / path) in card
+        assert base["content_hash"] in card and record["base_model_hash"] == base["content_hash"]
+        assert adapter["weights_sha256"] in card and record["dataset_version"] in card
+
+        # now the training answers are corrupted (reversed); the held-out set is unchanged
+        write_records(project / "data" / "train.jsonl", examples[:80], corrupt=True)
+        bad = run_pipeline(spec, instance, home)
+        assert not bad["success"] and bad["evaluation"] is not None and bad["published"] is None
+        key = AssetCheckKey(AssetKey(["triage", "evaluation"]), "gate")
+        gate = instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key]
+        verdict = gate.event.dagster_event.event_specific_data  # type: ignore[union-attr]
+        assert verdict.passed is False
+        assert (
+            "eval_loss: the tuned model improves by" in verdict.description
+            and "Not publishing" in verdict.description
+        )
+        assert (home / "models" / "triage" / LATEST).read_text().strip() == published["version"]
+        assert sorted(p.name for p in (home / "models" / "triage").iterdir()) == sorted(
+            [LATEST, published["version"]]
+        )
+
+
+@pytest.fixture(scope="module")
+def adapters(tokenizer, tiny_model_dir, tmp_path_factory):
+    """Two small adapters (different seeds) on the tiny model."""
+    from test_training import dataset
+
+    folder = tmp_path_factory.mktemp("publish")
+    data = dataset(tokenizer, folder / "datasets", tokenizer.chat_template)
+    spec = TrainingSpec(
+        method="lora", lora=LoraSpec(r=4, alpha=8, target_modules="all-linear"), max_steps=3, batch_size=4
+    )
+    return [
+        train_adapter(
+            spec.model_copy(update={"seed": seed}), tiny_model_dir, data.path, folder / f"adapter-{seed}"
+        ).adapter_dir
+        for seed in (0, 1)
+    ]
+
+
+def test_a_publish_that_fails_midway_leaves_latest_on_the_previous_version(
+    tiny_model_dir, adapters, tmp_path, monkeypatch
+):
+    import loraflow.merge
+
+    models = tmp_path / "models"
+    first = publish_version(adapters[0], "base", "float32")
+    merge_adapter(tiny_model_dir, adapters[0], models, first, "float32", "# card\n")
+    before = sorted(p.name for p in (models / first).rglob("*"))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(loraflow.merge.shutil, "copytree", disk_full)
+    second = publish_version(adapters[1], "base", "float32")
+    with pytest.raises(OSError, match="No space left"):
+        merge_adapter(tiny_model_dir, adapters[1], models, second, "float32", "# card\n")
+    assert (models / LATEST).read_text().strip() == first
+    assert sorted(p.name for p in models.iterdir()) == sorted([LATEST, first])  # no half-written version
+    assert sorted(p.name for p in (models / first).rglob("*")) == before
+
+
+def test_a_merge_outside_the_tolerance_publishes_nothing(tiny_model_dir, adapters, tmp_path):
+    models = tmp_path / "models"
+    version = publish_version(adapters[0], "base", "float32")
+    with pytest.raises(MergeError, match=r"differ from base plus adapter by .* \(allowed 1e-30\)"):
+        merge_adapter(tiny_model_dir, adapters[0], models, version, "float32", "# card\n", tolerance=1e-30)
+    assert not (models / LATEST).exists() and not (models / version).exists()
