@@ -350,7 +350,7 @@ class TrainingSpec(Section):
         return self
 
 
-GateMetric = Literal["eval_loss", "exact_match", "token_f1", "format_match"]
+GateMetric = Literal["eval_loss", "exact_match", "token_f1", "rouge_l", "format_match"]
 LOWER_IS_BETTER = {"eval_loss"}
 
 
