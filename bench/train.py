@@ -217,7 +217,9 @@ def main() -> int:
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
-    peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
+    # without bf16 units a CPU emulates bf16 products hundreds of times slower: a small one is enough
+    bf16_size = 2048 if torch.cuda.is_available() or matmul_peak(torch.bfloat16, 256, 1) > 5e9 else 512
+    peaks = {"bf16": matmul_peak(torch.bfloat16, bf16_size, 3), "fp32": matmul_peak(torch.float32)}
     print(", ".join(f"{k} matmul peak {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()))
 
     model = resolve_base_model(BaseModelSpec(), Path(args.store))
