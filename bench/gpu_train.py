@@ -20,10 +20,9 @@ on an empty GPU and a crash or a timeout costs one row of the table, not the who
 - `report` prints the table with the date, GPU and library versions, and writes
   `gpu_results.json`.
 
-If a `loraflow.plan` module exists, each run also records its estimate beside the measured peak:
-`loraflow.plan.estimate_memory(model_dir, training, seq_len=...)` returning MiB, or an object with
-`peak_mib`. Without the module, or with another interface, the estimate is left out and the reason
-is recorded.
+Each run also records loraflow.plan's estimate beside the measured peak: on a GPU its allocated
+peak (comparable to `torch.cuda.max_memory_allocated`, no CUDA context), on a CPU its process peak.
+If the planner cannot estimate, the estimate is left out and the reason is recorded.
 
 Sizes: `1b` has the shape of Llama 3.2 1B (grouped-query attention, a 128k vocabulary, tied
 embeddings), `7b` that of Llama 2 7B, `tiny` a few MB for trying the script on a CPU (there,
@@ -329,15 +328,21 @@ def training_spec(method: str, dtype: str, args):
     return TrainingSpec(**{k: v for k, v in settings.items() if k in TrainingSpec.model_fields})
 
 
-def planned_peak(model_dir: Path, training, seq_len: int) -> tuple[float | None, str]:
-    """(loraflow.plan's peak estimate in MiB, or None; where it came from or why there is none)."""
+def planned_peak(model_dir: Path, training, seq_len: int, cuda: bool) -> tuple[float | None, str]:
+    """(loraflow.plan's peak estimate in MiB, or None; what it counts, or why there is none). On a GPU
+    the allocated peak (what torch.cuda.max_memory_allocated measures), on a CPU the process peak."""
     try:
         plan = importlib.import_module("loraflow.plan")
     except ImportError as err:
         return None, f"no estimate ({err})"
     try:
-        estimate = plan.estimate_memory(model_dir, training, seq_len=seq_len)
-        return round(float(getattr(estimate, "peak_mib", estimate)), 1), "loraflow.plan.estimate_memory"
+        setup = plan.setup_from_training(
+            training, seq_len=seq_len, padded=False, device="cuda" if cuda else "cpu"
+        )
+        estimate = plan.estimate_memory(plan.ModelShape.from_folder(model_dir), setup)
+        if cuda:
+            return round(estimate.allocated_mib, 1), "loraflow.plan: allocated peak, without CUDA context"
+        return round(estimate.peak_mib, 1), "loraflow.plan: process peak, runtime included"
     except Exception as err:  # noqa: BLE001 - an estimate that cannot be had is recorded, not fatal
         return None, f"loraflow.plan gave no estimate: {type(err).__name__}: {err}"
 
@@ -391,7 +396,7 @@ def train(args) -> int:
             log.error("skipped %s %s: %s", args.size, args.method, reason)
             return 1
 
-    planned_mib, plan_note = planned_peak(Path(prepared["model_dir"]), training, prepared["seq_len"])
+    planned_mib, plan_note = planned_peak(Path(prepared["model_dir"]), training, prepared["seq_len"], cuda)
     steps: list[tuple[float, int, float]] = []  # (time, tokens seen, loss) after each step
 
     def on_step(figures: dict) -> None:

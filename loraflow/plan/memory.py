@@ -43,6 +43,7 @@ Activations: see `layer_activation_terms` for the derivation, one decoder layer 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -70,10 +71,18 @@ started. Measured on this project's machine (Linux x86_64, torch 2.13 CPU): 520 
 the imports and the tokenizer, about 600 MiB once a tiny model (12 MB) is training."""
 
 CPU_FRAGMENTATION = 0.5
-"""On a CPU, glibc's allocator serves the many equal-sized activation tensors of a step from its
-heap once their size passes its (self-raising) mmap threshold, and the heap grows past the live
-peak because freed blocks do not fit the next requests: measured on SmolLM2-135M, the heap reached
-1.35 to 1.45 times the live peak of a step. The planner adds half the activations."""
+"""On a CPU, glibc serves tensors under 32 MiB from its heap once its mmap threshold has risen
+(it rises to the largest block freed, up to 32 MiB), and the heap grows past the live peak because
+freed blocks do not fit the next requests. Measured on SmolLM2-135M over 3 steps
+(bench/plan_cpu.py): resident memory above the live peak by 52% (LoRA) and 63% (QLoRA) of the
+activations, still growing; with gradient checkpointing by 32% of what the layers would keep
+without it, as the recomputation allocates and frees each layer's stash again. The planner adds
+half of the activations held in such tensors, counted as without checkpointing. With
+MALLOC_MMAP_THRESHOLD_ set in the environment (e.g. 65536) the threshold stays put, every
+activation is mapped and unmapped, and resident memory follows the live bytes: the planner then
+adds nothing."""
+
+GLIBC_MMAP_THRESHOLD_MAX = 32 * MIB
 
 GPU_CONTEXT_BYTES = 512 * MIB
 """The CUDA context, cuBLAS workspaces and kernels of a PyTorch process: about 0.5 GiB on recent
@@ -275,7 +284,14 @@ class MemoryEstimate:
 
     def breakdown(self) -> dict[str, int]:
         """Bytes per category, in the issue's order."""
-        categories: tuple[Category, ...] = ("weights", "lora", "gradients", "optimizer", "activations", "overhead")
+        categories: tuple[Category, ...] = (
+            "weights",
+            "lora",
+            "gradients",
+            "optimizer",
+            "activations",
+            "overhead",
+        )
         return {c: self.total(c) for c in categories}
 
     def table(self, unit: str = "GiB") -> str:
@@ -333,8 +349,11 @@ def layer_activation_terms(shape: ModelShape, setup: Setup) -> dict[str, float]:
     - MLP: the gate projection's output (for SiLU's backward), SiLU's output and the up output
       (for the product's), 3·I.
 
-    Checked against autograd's saved tensors (torch.autograd.graph.saved_tensors_hooks) on a small
-    Llama for LoRA on q/k/v/o and all-linear, with and without dropout, fp32 and bf16, and QLoRA.
+    tests/test_plan.py checks these terms against the tensors autograd saves
+    (torch.autograd.graph.saved_tensors_hooks) in a real layer: LoRA on q/v, q/k/v/o and all-linear,
+    with and without dropout, fp32 and bf16, with a padding mask. QLoRA's layer (fp32 stream, frozen
+    4-bit projections that keep nothing) saves the same bytes as fp32 LoRA, checked the same way.
+    The dropout mask is taken as 1 byte on a GPU (a bool mask); on a CPU it is a full-width tensor.
     """
     h, q, kv, i_dim = shape.hidden_size, shape.q_dim, shape.kv_dim, shape.intermediate_size
     full = setup.method == "full"
@@ -372,9 +391,9 @@ def layer_activation_terms(shape: ModelShape, setup: Setup) -> dict[str, float]:
         if not adapted:
             continue
         if setup.lora_dropout > 0:
-            terms[f"{name}: dropped-out copy and mask for {', '.join(adapted)}"] = len(adapted) * (
-                adapter + mask_byte
-            ) * width
+            terms[f"{name}: dropped-out copy and mask for {', '.join(adapted)}"] = (
+                len(adapted) * (adapter + mask_byte) * width
+            )
         elif in_bytes != adapter:
             terms[f"{name}: fp32 copy for {', '.join(adapted)}"] = len(adapted) * adapter * width
         elif not kept_elsewhere:
@@ -382,7 +401,7 @@ def layer_activation_terms(shape: ModelShape, setup: Setup) -> dict[str, float]:
     if targets:
         terms["adapter A outputs (r each)"] = len(targets) * adapter * setup.lora_r
 
-    repeat = setup.masked and shape.num_kv_heads != shape.num_heads or setup.attention == "eager"
+    repeat = (setup.masked and shape.num_kv_heads != shape.num_heads) or setup.attention == "eager"
     k_and_v = 2 * t * (q if repeat else kv)
     terms["attention: q, k, v" + (" (k, v repeated to every head)" if repeat else "")] = t * q + k_and_v
     terms["attention: output and log-sum-exp"] = t * q + 4 * shape.num_heads
@@ -394,7 +413,14 @@ def layer_activation_terms(shape: ModelShape, setup: Setup) -> dict[str, float]:
     return terms
 
 
-def _activation_items(shape: ModelShape, setup: Setup) -> list[Item]:
+def cpu_fragmentation(environ: dict | None = None) -> float:
+    """The share of heap-held activations glibc adds on a CPU: CPU_FRAGMENTATION, or 0 when
+    MALLOC_MMAP_THRESHOLD_ is set (the environment this process was started with)."""
+    environ = os.environ if environ is None else environ
+    return 0.0 if environ.get("MALLOC_MMAP_THRESHOLD_") else CPU_FRAGMENTATION
+
+
+def _activation_items(shape: ModelShape, setup: Setup) -> tuple[list[Item], int]:
     """The activation items of one step: the layers' stash (or, with checkpointing, the layer
     inputs plus one recomputed layer), the loss over the vocabulary, and the backward's working set.
 
@@ -408,6 +434,8 @@ def _activation_items(shape: ModelShape, setup: Setup) -> list[Item]:
     - Checkpointing (transformers, one checkpoint per decoder layer): each layer's input is kept
       (stream dtype x h per token), and the layer being differentiated is recomputed whole, so one
       layer's stash is alive on top.
+
+    Also returns how many of those bytes are held in tensors under 32 MiB, which a CPU's heap serves.
     """
     terms = layer_activation_terms(shape, setup)
     per_layer = sum(terms.values())
@@ -425,6 +453,8 @@ def _activation_items(shape: ModelShape, setup: Setup) -> list[Item]:
         working += compute * max(i * o for i, o in shape.linears().values())
     final = 4 * h * tokens + (stream * h * logit_tokens if full else 0)  # final norm; head input (full)
     items = []
+    layer_tensors_small = tokens * shape.intermediate_size * t < GLIBC_MMAP_THRESHOLD_MAX
+    loss_tensors_small = 4 * vocab * logit_tokens < GLIBC_MMAP_THRESHOLD_MAX
     if setup.gradient_checkpointing:
         kept = n_layers * stream * h * tokens
         mask = stream * setup.seq_len * tokens if setup.masked else 0
@@ -439,22 +469,34 @@ def _activation_items(shape: ModelShape, setup: Setup) -> list[Item]:
                 + " + the final norm's input",
             )
         )
+        layer = per_layer * tokens + working
+        heap = (kept + mask + final if layer_tensors_small else 0) + (
+            (layer if layer_tensors_small else 0)
+            if layer >= loss_bytes
+            else (loss_bytes if loss_tensors_small else 0)
+        )
         items.append(
             Item(
                 "activations",
                 "one recomputed layer + backward working set, or the loss",
-                max(per_layer * tokens + working, loss_bytes),
+                round(max(layer, loss_bytes)),
                 "backward",
                 f"max(one layer's stash {per_layer:,.0f} B/token x {tokens:,} + working set "
                 f"{working / MIB:,.1f} MiB, loss 12·{vocab:,}·{logit_tokens:,} trained tokens)",
             )
         )
-        return items
+        return items, round(heap)
+    stash = round(n_layers * per_layer * tokens) + final
+    heap = (stash if layer_tensors_small else 0) + (
+        (working if layer_tensors_small else 0)
+        if working >= loss_bytes
+        else (loss_bytes if loss_tensors_small else 0)
+    )
     items.append(
         Item(
             "activations",
             "saved by every layer",
-            round(n_layers * per_layer * tokens) + final,
+            stash,
             "backward",
             f"{n_layers} layers x {per_layer:,.0f} B/token x {tokens:,} tokens + the final norm's input",
         )
@@ -471,7 +513,7 @@ def _activation_items(shape: ModelShape, setup: Setup) -> list[Item]:
             + ")",
         )
     )
-    return items
+    return items, round(heap)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,18 +534,35 @@ def saved_module_params(shape: ModelShape, setup: Setup) -> int:
     """Parameters of the full copies PEFT trains for `modules_to_save` (vocab x hidden each)."""
     if setup.method == "full":
         return 0
-    return sum(shape.vocab_size * shape.hidden_size for m in setup.modules_to_save if m in ("lm_head", "embed_tokens"))
+    return sum(
+        shape.vocab_size * shape.hidden_size
+        for m in setup.modules_to_save
+        if m in ("lm_head", "embed_tokens")
+    )
 
 
-def _trainable_tensors(shape: ModelShape, setup: Setup) -> list[int]:
-    """Sizes of the trainable tensors of one decoder layer, for the 8-bit optimizer's size rule."""
+def trainable_tensor_sizes(shape: ModelShape, setup: Setup) -> list[int]:
+    """The sizes of every trainable tensor (the 8-bit optimizer keeps tensors under 4,096 values in
+    fp32, and the CPU's AdamW loop works one tensor at a time)."""
     linears = shape.linears()
     if setup.method == "full":
-        return [i * o for i, o in linears.values()]
-    sizes = []
+        biases = shape.other_params_per_layer - 2 * shape.hidden_size  # counted as one tensor
+        per_layer = (
+            [i * o for i, o in linears.values()] + [shape.hidden_size] * 2 + ([biases] if biases else [])
+        )
+        head = [shape.head_params] if shape.head_params else []
+        return per_layer * shape.num_layers + [shape.embedding_params, shape.hidden_size] + head
+    per_layer = []
     for m in setup.targets(shape):
-        sizes += [setup.lora_r * linears[m][0], setup.lora_r * linears[m][1]]
-    return sizes
+        per_layer += [setup.lora_r * linears[m][0], setup.lora_r * linears[m][1]]
+        if setup.use_dora:
+            per_layer.append(linears[m][1])
+    copies = [
+        shape.vocab_size * shape.hidden_size
+        for m in setup.modules_to_save
+        if m in ("lm_head", "embed_tokens")
+    ]
+    return per_layer * shape.num_layers + copies
 
 
 def _weight_items(shape: ModelShape, setup: Setup) -> list[Item]:
@@ -524,14 +583,24 @@ def _weight_items(shape: ModelShape, setup: Setup) -> list[Item]:
     bits = setup.bits
     if bits >= 16:
         return [
-            Item("weights", f"base in {bits} bits", n * bits // 8, "always", f"{n / 1e9:.3f}B params x {bits // 8} bytes")
+            Item(
+                "weights",
+                f"base in {bits} bits",
+                n * bits // 8,
+                "always",
+                f"{n / 1e9:.3f}B params x {bits // 8} bytes",
+            )
         ]
     if bits == 8:
         scales = shape.num_layers * sum(o for _, o in shape.linears().values())
         quantized = nq + 4 * scales
         how = f"{nq / 1e9:.3f}B linear weights x 1 byte + an fp32 scale per output row"
     else:
-        per_weight = 4 + 8 / NF4_BLOCK + 32 / (NF4_BLOCK * NF4_SECOND_BLOCK) if setup.double_quant else 4 + 32 / NF4_BLOCK
+        per_weight = (
+            4 + 8 / NF4_BLOCK + 32 / (NF4_BLOCK * NF4_SECOND_BLOCK)
+            if setup.double_quant
+            else 4 + 32 / NF4_BLOCK
+        )
         quantized = round(nq * per_weight / 8)
         how = f"{nq / 1e9:.3f}B linear weights x {per_weight:.3f} bits (NF4, blocks of {NF4_BLOCK})"
     return [
@@ -546,31 +615,54 @@ def _weight_items(shape: ModelShape, setup: Setup) -> list[Item]:
     ]
 
 
-def _optimizer_bytes(trainable: int, sizes: list[int], n_layers: int, extra_fp32: int, setup: Setup) -> tuple[int, str]:
+def _optimizer_bytes(sizes: list[int], setup: Setup) -> tuple[int, str]:
+    trainable = sum(sizes)
     if setup.optimizer == "adamw":
         return 8 * trainable, f"{trainable:,} trainable x 8 bytes (two fp32 moments)"
-    small = n_layers * sum(s for s in sizes if s < OPTIM8_MIN_SIZE) + extra_fp32
+    small = sum(size for size in sizes if size < OPTIM8_MIN_SIZE)
     large = trainable - small
     states = round(large * (2 + 8 / OPTIM8_BLOCK)) + 8 * small
     return states, (
         f"{large:,} x (2 + 8/{OPTIM8_BLOCK}) bytes (8-bit moments, fp32 absmax per {OPTIM8_BLOCK})"
-        + (f" + {small:,} in small tensors x 8 bytes" if small else "")
+        + (f" + {small:,} in tensors under {OPTIM8_MIN_SIZE:,} values x 8 bytes" if small else "")
     )
+
+
+def _mapped_checkpoint(shape: ModelShape, setup: Setup) -> list[Item]:
+    """On a CPU, the loader maps the safetensors files and uses a tensor in place when its dtype is
+    the one asked for (those pages are the weights, counted there); a converted or quantized load
+    reads the rest into new memory while the file's pages stay mapped and resident (clean pages,
+    which the kernel can drop under pressure, but resident memory counts them)."""
+    if setup.method == "full" or not shape.checkpoint_bytes:
+        return []
+    load_dtype = "float32" if setup.bits <= 8 else setup.dtype  # k-bit preparation upcasts to fp32
+    if shape.checkpoint_dtype == load_dtype and setup.bits > 8:
+        return []  # every weight is used in place
+    in_place = 4 * shape.unquantized_params if shape.checkpoint_dtype == "float32" and setup.bits <= 8 else 0
+    return [
+        Item(
+            "overhead",
+            "checkpoint file pages",
+            max(0, shape.checkpoint_bytes - in_place),
+            "always",
+            "the safetensors files stay mapped after the load converted or quantized them"
+            + (", less the fp32 tensors used in place" if in_place else ""),
+        )
+    ]
 
 
 def estimate_memory(shape: ModelShape, setup: Setup) -> MemoryEstimate:
     """The itemized peak memory of one training step of `shape` with `setup`."""
     if setup.batch_size < 1 or setup.seq_len < 1:
-        raise PlanError(f"batch size and sequence length must be at least 1 (got {setup.batch_size}, {setup.seq_len})")
+        raise PlanError(
+            f"batch size and sequence length must be at least 1 (got {setup.batch_size}, {setup.seq_len})"
+        )
     items = _weight_items(shape, setup)
     full = setup.method == "full"
-    if full:
-        trainable = shape.params
-        extra = shape.unquantized_params  # embeddings, norms, head: counted apart from the layers' linears
-    else:
+    sizes = trainable_tensor_sizes(shape, setup)
+    trainable = sum(sizes)
+    if not full:
         copies = saved_module_params(shape, setup)
-        trainable = adapter_params(shape, setup) + copies
-        extra = 0
         if copies:
             items.append(
                 Item(
@@ -601,21 +693,26 @@ def estimate_memory(shape: ModelShape, setup: Setup) -> MemoryEstimate:
             + (" (they grow while the activations are freed; counted at the step)" if full else ""),
         )
     )
-    states, how = _optimizer_bytes(trainable, _trainable_tensors(shape, setup), shape.num_layers, extra, setup)
+    states, how = _optimizer_bytes(sizes, setup)
     items.append(Item("optimizer", f"{setup.optimizer} states", states, "always", how))
     if setup.optimizer == "adamw":
         if setup.device == "cuda":
-            step_buffer, how = 4 * trainable, f"{trainable:,} x 4 bytes: foreach AdamW's sqrt(v) for all at once"
+            step_buffer, how = (
+                4 * trainable,
+                f"{trainable:,} x 4 bytes: foreach AdamW's sqrt(v) for all at once",
+            )
         else:
-            largest = max(_trainable_tensors(shape, setup) + ([shape.embedding_params] if full else []))
+            largest = max(sizes)
             step_buffer, how = 4 * largest, "4 bytes x the largest trainable tensor (AdamW's loop on a CPU)"
         items.append(Item("optimizer", "AdamW step buffer", step_buffer, "step", how))
-    items += _activation_items(shape, setup)
+    activation_items, heap_activations = _activation_items(shape, setup)
+    items += activation_items
     estimate = MemoryEstimate(shape, setup, items)
-    activations = estimate.total("activations")
     overhead: list[Item] = []
     if setup.device == "cuda":
-        overhead.append(Item("overhead", "CUDA context and workspaces", GPU_CONTEXT_BYTES, "always", "about 0.5 GiB"))
+        overhead.append(
+            Item("overhead", "CUDA context and workspaces", GPU_CONTEXT_BYTES, "always", "about 0.5 GiB")
+        )
         overhead.append(
             Item(
                 "overhead",
@@ -627,27 +724,26 @@ def estimate_memory(shape: ModelShape, setup: Setup) -> MemoryEstimate:
         )
     else:
         overhead.append(
-            Item("overhead", "Python, torch and libraries", CPU_RUNTIME_BYTES, "always", "measured: about 600 MiB")
+            Item(
+                "overhead",
+                "Python, torch and libraries",
+                CPU_RUNTIME_BYTES,
+                "always",
+                "measured: about 600 MiB",
+            )
         )
+        share = cpu_fragmentation()
+        if setup.gradient_checkpointing:  # recomputation allocates every layer's stash again
+            heap_activations = _activation_items(shape, replace(setup, gradient_checkpointing=False))[1]
         overhead.append(
             Item(
                 "overhead",
                 "heap fragmentation (glibc)",
-                round(CPU_FRAGMENTATION * activations),
+                round(share * heap_activations),
                 "always",
-                f"{CPU_FRAGMENTATION:.0%} of the activations",
+                f"{share:.0%} of the activations in tensors under 32 MiB"
+                + (" (MALLOC_MMAP_THRESHOLD_ is set)" if not share else ""),
             )
         )
-        converted = setup.bits <= 8 or shape.checkpoint_dtype not in (None, setup.dtype)
-        if setup.method != "full" and converted and shape.checkpoint_bytes:
-            overhead.append(
-                Item(
-                    "overhead",
-                    "checkpoint file pages",
-                    shape.checkpoint_bytes,
-                    "always",
-                    "the safetensors files stay mapped after loading converts or quantizes them "
-                    "(clean pages, which the kernel can drop under pressure)",
-                )
-            )
+        overhead += _mapped_checkpoint(shape, setup)
     return MemoryEstimate(shape, setup, items + overhead)

@@ -60,28 +60,32 @@ def setup_from_training(
     )
 
 
-def setup_for_spec(spec: PipelineSpec, summary: dict | None = None, device: str | None = None) -> Setup:
-    """The Setup a pipeline trains with. With the dataset's summary: the longest example (not
-    format.max_seq_len) sets the padded length, the share of trained tokens sets the head's work,
-    and data of one length needs no padding mask."""
-    fmt = spec.format
-    seq_len, padded, fraction = fmt.max_seq_len, True, 1.0
+def setup_for_training(
+    training: TrainingSpec,
+    summary: dict | None,
+    max_seq_len: int,
+    packing: bool,
+    device: str | None = None,
+) -> Setup:
+    """The Setup a training section trains with on a dataset. With the dataset's summary: the
+    longest example (not max_seq_len) sets the padded length, the share of trained tokens sets the
+    head's work, and data of one length needs no padding mask."""
+    seq_len, padded, fraction = max_seq_len, True, 1.0
     if summary:
-        longest = summary.get("token_percentiles", {}).get("p100")
-        if longest and not fmt.packing:
-            seq_len = min(fmt.max_seq_len, longest)
-        percentiles = set(summary.get("token_percentiles", {}).values())
-        padded = len(percentiles) != 1
+        percentiles = summary.get("token_percentiles", {})
+        if percentiles.get("p100") and not packing:
+            seq_len = min(max_seq_len, percentiles["p100"])
+        padded = len(set(percentiles.values())) != 1
         if summary.get("train_tokens"):
             fraction = min(1.0, summary.get("trainable_tokens", 0) / summary["train_tokens"]) or 1.0
     return setup_from_training(
-        spec.training,
-        seq_len=seq_len,
-        packing=fmt.packing,
-        padded=padded,
-        trained_fraction=fraction,
-        device=device,
+        training, seq_len=seq_len, packing=packing, padded=padded, trained_fraction=fraction, device=device
     )
+
+
+def setup_for_spec(spec: PipelineSpec, summary: dict | None = None, device: str | None = None) -> Setup:
+    """The Setup a pipeline trains with (see setup_for_training)."""
+    return setup_for_training(spec.training, summary, spec.format.max_seq_len, spec.format.packing, device)
 
 
 def _summary(dataset_dir: str | Path | None) -> dict | None:
@@ -181,6 +185,31 @@ def check_fits(
     PlanError with the numbers and the settings that would fit."""
     device = device or default_device()
     free = free or free_memory(device)
-    estimate = estimate_for_spec(spec, base_model_dir, dataset_dir, device="cuda" if device.startswith("cuda") else "cpu")
+    estimate = estimate_for_spec(
+        spec, base_model_dir, dataset_dir, device="cuda" if device.startswith("cuda") else "cpu"
+    )
+    preflight(estimate, free.bytes, free.where)
+    return estimate
+
+
+def check_training_fits(
+    training: TrainingSpec,
+    base_model_dir: str | Path,
+    dataset_dir: str | Path,
+    pack_to: int | None = None,
+    free: FreeMemory | None = None,
+    device: str | None = None,
+) -> MemoryEstimate:
+    """check_fits with train_adapter's own arguments, for a process that has a training request
+    rather than a pipeline spec (a worker about to train): `pack_to` is the packed row length, or
+    None for padded batches of the dataset's examples."""
+    device = device or default_device()
+    free = free or free_memory(device)
+    summary = dataset_summary(dataset_dir)
+    longest = pack_to or summary.get("token_percentiles", {}).get("p100") or 1
+    setup = setup_for_training(
+        training, summary, longest, pack_to is not None, "cuda" if device.startswith("cuda") else "cpu"
+    )
+    estimate = estimate_memory(ModelShape.from_folder(base_model_dir), setup)
     preflight(estimate, free.bytes, free.where)
     return estimate

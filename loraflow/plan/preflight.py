@@ -41,7 +41,9 @@ def available_system_memory(meminfo: str | Path = "/proc/meminfo") -> int:
     try:
         text = Path(meminfo).read_text()
     except OSError as err:
-        raise PlanError(f"{meminfo}: cannot read the available memory ({err}); pass the free bytes yourself") from None
+        raise PlanError(
+            f"{meminfo}: cannot read the available memory ({err}); pass the free bytes yourself"
+        ) from None
     found = re.search(r"^MemAvailable:\s+(\d+) kB", text, re.MULTILINE)
     if found is None:
         raise PlanError(f"{meminfo} has no MemAvailable line; pass the free bytes yourself")
@@ -108,14 +110,18 @@ def fitting_alternatives(estimate: MemoryEstimate, free_bytes: int) -> list[Alte
         candidate = estimate.with_setup(**change)
         if candidate.peak <= free_bytes:
             fits[kind] = Alternative({k: v for k, v in change.items() if k != "base_bits"}, candidate)
-    return sorted(fits.values(), key=lambda a: (len(a.changes), -a.estimate.setup.batch_size, a.estimate.peak))[
-        :MAX_ALTERNATIVES
-    ]
+    return sorted(
+        fits.values(), key=lambda a: (len(a.changes), -a.estimate.setup.batch_size, a.estimate.peak)
+    )[:MAX_ALTERNATIVES]
 
 
 def leanest(estimate: MemoryEstimate) -> MemoryEstimate:
     """The smallest estimate the candidate changes reach."""
-    return min((estimate.with_setup(**c) for c in _candidate_changes(estimate)), key=lambda e: e.peak, default=estimate)
+    return min(
+        (estimate.with_setup(**c) for c in _candidate_changes(estimate)),
+        key=lambda e: e.peak,
+        default=estimate,
+    )
 
 
 def preflight(estimate: MemoryEstimate, free_bytes: int, where: str = "the device") -> None:
@@ -135,7 +141,9 @@ def preflight(estimate: MemoryEstimate, free_bytes: int, where: str = "the devic
     if alternatives:
         lines.append("Settings that fit (each re-estimated):")
         lines += [f"  - {a.describe(estimate.setup.batch_size)}" for a in alternatives]
-        lines.append("Change the pipeline YAML accordingly, or free memory on the device, or use a larger one.")
+        lines.append(
+            "Change the pipeline YAML accordingly, or free memory on the device, or use a larger one."
+        )
     else:
         smallest = leanest(estimate)
         lines.append(

@@ -126,7 +126,13 @@ class ModelShape:
                 f"{name}: a mixture-of-experts model ({config.get('model_type')}); the planner knows "
                 "dense Llama-style decoders only"
             )
-        needed = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+        needed = (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "vocab_size",
+        )
         missing = [k for k in needed if not isinstance(config.get(k), int)]
         if missing:
             raise PlanError(
