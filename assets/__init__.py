@@ -21,6 +21,8 @@ from loraflow.spec import PipelineSpec
 
 # Content-addressed data versions are the point of these assets; the beta notice on every run is noise.
 warnings.filterwarnings("ignore", message=r"Parameter `data_version`", category=BetaWarning)
+# One run per source file in a backfill is what per-file partitions need; the beta notice is noise too.
+warnings.filterwarnings("ignore", message=r"Parameter `backfill_policy`", category=BetaWarning)
 # Per-tensor loading bars are unreadable in a run's log; progress is logged with rates instead.
 transformers_logging.disable_progress_bar()
 

@@ -9,6 +9,7 @@ from dagster import (
     AssetExecutionContext,
     AssetIn,
     AssetKey,
+    AutomationCondition,
     DataVersion,
     Failure,
     MetadataValue,
@@ -16,6 +17,8 @@ from dagster import (
     asset,
 )
 
+from assets.ingestion import source_partitions
+from assets.training_inputs import format_version, validated_versions
 from loraflow.base_model import load_tokenizer, tokenizer_hash
 from loraflow.dataset import (
     DatasetError,
@@ -109,7 +112,9 @@ def build_training_dataset(spec: PipelineSpec):
         kinds={"parquet"},
         deps=[AssetKey([spec.name, "validated_examples"])],
         ins={"base_model": AssetIn(AssetKey([spec.name, "base_model"]))},
-        code_version=spec.section_version("format"),
+        code_version=format_version(spec),
+        # after new validated data, once no file is still being ingested: a burst of files formats once
+        automation_condition=AutomationCondition.eager(),
         description="Validated examples of all source files rendered with the chat template, tokenized with "
         "only assistant tokens trained, and split train/eval by content hash. Parquet in the artifact store.",
         check_specs=[
@@ -178,7 +183,16 @@ def build_training_dataset(spec: PipelineSpec):
         mismatched = template_round_trip(fresh, Path(summary.path), spec.format)
         train = load_split(Path(summary.path), "train")
         yield Output(
-            summary.to_json(),
+            {
+                **summary.to_json(),
+                # what it was built from, for the retrain schedule (see assets/training_inputs.py)
+                "validated_versions": validated_versions(
+                    context.instance,
+                    spec,
+                    context.instance.get_dynamic_partitions(source_partitions(spec).name),
+                ),
+                "format_version": format_version(spec),
+            },
             data_version=DataVersion(summary.version),
             metadata={
                 "path": MetadataValue.path(summary.path),

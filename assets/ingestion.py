@@ -3,6 +3,7 @@
 from dagster import (
     AssetExecutionContext,
     AssetKey,
+    BackfillPolicy,
     DataVersion,
     DynamicPartitionsDefinition,
     Failure,
@@ -13,6 +14,10 @@ from dagster import (
 from loraflow.ingest import IngestError, ingest_file
 from loraflow.spec import PipelineSpec
 from resources import Warehouse
+
+# One run per source file in a backfill: a file that fails (bad rows, over the quarantine limit)
+# fails its own run and no other, and its run's log and checks are about that file only.
+PER_FILE = BackfillPolicy.multi_run(max_partitions_per_run=1)
 
 
 def source_partitions(spec: PipelineSpec) -> DynamicPartitionsDefinition:
@@ -38,6 +43,7 @@ def build_raw_examples(spec: PipelineSpec, partitions: DynamicPartitionsDefiniti
         group_name=spec.name,
         kinds={"duckdb"},
         partitions_def=partitions,
+        backfill_policy=PER_FILE,
         code_version=spec.section_version("data"),
         description="Every record of one source file (JSON Lines, JSON array, CSV or Parquet), untouched, with "
         "its file, record index and the file's sha256. Table <pipeline>.raw_examples in the warehouse.",

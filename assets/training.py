@@ -5,7 +5,11 @@ import json
 
 from dagster import AssetExecutionContext, AssetIn, AssetKey, DataVersion, MetadataValue, Output, asset
 
+from assets.training_inputs import FINGERPRINT_KEY, INPUTS_KEY, fingerprint, training_inputs, training_version
 from loraflow.artifacts import folder_sha256
+from loraflow.plan import estimate_training
+from loraflow.plan.memory import GIB
+from loraflow.request import check_request_fits
 from loraflow.spec import PipelineSpec
 from loraflow.train import LOSS_CURVE
 from resources import ArtifactStore, Trainer, TrainRequest
@@ -23,12 +27,6 @@ def loss_table(loss: list, evals: list, rows: int = 40) -> str:
     return "\n".join(lines)
 
 
-def training_code_version(spec: PipelineSpec) -> str:
-    """The training section plus the format settings that shape batches (packing, row length)."""
-    batching = json.dumps([spec.format.packing, spec.format.max_seq_len])
-    return hashlib.sha256((spec.section_version("training") + batching).encode()).hexdigest()[:16]
-
-
 def build_adapter(spec: PipelineSpec):
     @asset(
         key=AssetKey([spec.name, "adapter"]),
@@ -39,7 +37,7 @@ def build_adapter(spec: PipelineSpec):
             "training_dataset": AssetIn(AssetKey([spec.name, "training_dataset"])),
             "base_model": AssetIn(AssetKey([spec.name, "base_model"])),
         },
-        code_version=training_code_version(spec),
+        code_version=training_version(spec),
         description=f"A {spec.training.method.upper()} adapter (r={spec.training.lora.r}) trained on the "
         "training split; safetensors in the artifact store.",
     )
@@ -62,22 +60,39 @@ def build_adapter(spec: PipelineSpec):
         )
         version = hashlib.sha256(run_key.encode()).hexdigest()[:16]
         adapter_dir = store.path("adapters", spec.name, version)
-        result = trainer.train(
-            context,
-            TrainRequest(
-                training=spec.training,
-                base_model_dir=base_model["path"],
-                dataset_dir=training_dataset["path"],
-                adapter_dir=str(adapter_dir),
-                trust_remote_code=base_model["trust_remote_code"],
-                pack_to=pack_to,
-                record={
-                    "pipeline": spec.name,
-                    "base_model": base_model["source"],
-                    "base_model_hash": base_model["content_hash"],
-                },
-                kubernetes=spec.kubernetes,
-            ),
+        request = TrainRequest(
+            training=spec.training,
+            base_model_dir=base_model["path"],
+            dataset_dir=training_dataset["path"],
+            adapter_dir=str(adapter_dir),
+            trust_remote_code=base_model["trust_remote_code"],
+            pack_to=pack_to,
+            record={
+                "pipeline": spec.name,
+                "base_model": base_model["source"],
+                "base_model_hash": base_model["content_hash"],
+            },
+            kubernetes=spec.kubernetes,
+            plan=spec.plan,
+        )
+        # Preflight: config.json and the dataset summary only, before any weight is loaded. A pod
+        # checks its own GPU when it starts; here its estimate is only shown.
+        estimate = check_request_fits(request) if trainer.trains_on_this_machine else None
+        if estimate is None:
+            estimate = estimate_training(
+                spec.training, base_model["path"], training_dataset["path"], pack_to, trainer.device_kind
+            )
+        context.log.info(
+            f"memory plan: about {estimate.peak / GIB:.2f} GiB at peak ({estimate.setup.describe()})"
+        )
+        result = trainer.train(context, request)
+        # what this adapter was trained from, for the retrain schedule's "did anything change?"
+        inputs = training_inputs(
+            training_dataset.get("validated_versions", {}),
+            base_model["content_hash"][:32],
+            spec.section_version("base_model"),
+            training_dataset.get("format_version", ""),
+            training_version(spec),
         )
         weights_hash = folder_sha256(adapter_dir, include=lambda file: file.suffix == ".safetensors")
         manifest = {
@@ -87,6 +102,7 @@ def build_adapter(spec: PipelineSpec):
             "dataset_version": training_dataset["version"],
             "steps": result.steps,
             "final_loss": result.final_loss,
+            FINGERPRINT_KEY: fingerprint(inputs),
         }
         optional = {
             "packing_efficiency": result.packing_efficiency,
@@ -111,8 +127,12 @@ def build_adapter(spec: PipelineSpec):
                 "resumed_from_step": result.resumed_from_step,
                 "world_size": result.world_size,
                 "packing": spec.format.packing,
+                FINGERPRINT_KEY: fingerprint(inputs),
+                INPUTS_KEY: MetadataValue.json(inputs),
                 "loss_curve": MetadataValue.path(str(adapter_dir / LOSS_CURVE)),
                 "loss_by_step": MetadataValue.md(loss_table(result.loss_curve, result.eval_curve)),
+                **estimate.metadata(),
+                "memory_plan": MetadataValue.md(estimate.table("GiB")),
             },
         )
 

@@ -8,6 +8,7 @@ from dagster import (
     AssetIn,
     AssetKey,
     AssetRecordsFilter,
+    AutomationCondition,
     DataVersion,
     DynamicPartitionsDefinition,
     Failure,
@@ -18,7 +19,7 @@ from dagster import (
     asset,
 )
 
-from assets.ingestion import partition_source
+from assets.ingestion import PER_FILE, partition_source
 from loraflow.base_model import load_tokenizer
 from loraflow.expectations import run_suite
 from loraflow.spec import PipelineSpec
@@ -150,6 +151,9 @@ def build_validated_examples(spec: PipelineSpec, partitions: DynamicPartitionsDe
         partitions_def=partitions,
         deps=[AssetKey([spec.name, "raw_examples"])],
         code_version=spec.section_version("data", "quality"),
+        # a file's raw rows re-ingested on their own (from the UI) are re-validated
+        automation_condition=AutomationCondition.eager(),
+        backfill_policy=PER_FILE,
         description="Rows of one source file normalized to chat messages (or a text) that pass the quality rules "
         "(table <pipeline>.validated_examples); the others go to <pipeline>.quarantine with a reason code and "
         "the original record.",

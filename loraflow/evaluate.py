@@ -399,7 +399,9 @@ def evaluate_adapter(
     model = PeftModel.from_pretrained(model, adapter_dir, adapter_name="tuned")
     tuned = score(model, tokenizer, rows, prompts, references, spec, "tuned", matches_format)
     if spec.forgetting.enabled and not probe_rows:
-        log.warning("the base model answered none of the %d general prompts: forgetting not measured", len(general))
+        log.warning(
+            "the base model answered none of the %d general prompts: forgetting not measured", len(general)
+        )
     elif spec.forgetting.enabled:
         _, probe_tuned_loss = example_losses(model, probe_rows, tokenizer.pad_token_id, spec.batch_size)
         tuned_general = generate_answers(

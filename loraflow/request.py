@@ -7,11 +7,14 @@ the library so that the worker, which imports no Dagster, validates it with the 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from loraflow.spec import KubernetesSpec, TrainingSpec
+from loraflow.plan import FreeMemory, MemoryEstimate, check_training_fits, free_memory
+from loraflow.plan.memory import GIB
+from loraflow.spec import KubernetesSpec, PlanSpec, TrainingSpec
 from loraflow.train import TrainResult, train_adapter
 
 
@@ -27,10 +30,50 @@ class TrainRequest(BaseModel):
     record: dict = Field(default_factory=dict)
     kubernetes: KubernetesSpec = Field(default_factory=KubernetesSpec)
     """The pipeline's pod placement; only the trainer's `kubernetes` mode reads it."""
+    plan: PlanSpec = Field(default_factory=PlanSpec)
+    """The pipeline's `plan` section: whether to check the memory estimate first, and any limit."""
+
+
+def training_device() -> str:
+    """Where this process trains: its rank's GPU (LOCAL_RANK under torchrun), else the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+
+
+def memory_available(plan: PlanSpec, device: str) -> FreeMemory:
+    """The device's free memory, or `plan.memory_limit_gib` when that is less."""
+    free = free_memory(device)
+    if plan.memory_limit_gib is not None and plan.memory_limit_gib * GIB < free.bytes:
+        return FreeMemory(
+            int(plan.memory_limit_gib * GIB), f"plan.memory_limit_gib ({plan.memory_limit_gib:g} GiB)"
+        )
+    return free
+
+
+def check_request_fits(request: TrainRequest, device: str | None = None) -> MemoryEstimate | None:
+    """The training's peak memory estimate, checked against what `device` (default: where this
+    process trains) has free; raises PlanError, with the settings that would fit, before any
+    weight is loaded. None when the pipeline turned the preflight off."""
+    if not request.plan.preflight:
+        return None
+    device = device or training_device()
+    return check_training_fits(
+        request.training,
+        request.base_model_dir,
+        request.dataset_dir,
+        request.pack_to,
+        free=memory_available(request.plan, device),
+        device=device,
+    )
 
 
 def run_training(request: TrainRequest) -> TrainResult:
-    """Train the adapter the request describes, in this process (one rank under torchrun)."""
+    """Train the adapter the request describes, in this process (one rank under torchrun), after
+    checking that it fits (see check_request_fits)."""
+    check_request_fits(request)
     return train_adapter(
         request.training,
         Path(request.base_model_dir),

@@ -506,6 +506,53 @@ class KubernetesSpec(Section):
     """Taints the pod tolerates, typically those that keep other work off the GPU nodes."""
 
 
+class ScheduleSpec(Section):
+    """When the pipeline retrains on its own, and whether its source files are watched.
+
+    The schedule runs base_model -> training_dataset -> adapter -> evaluation -> published_model,
+    and skips, saying why, when nothing the adapter depends on changed since its last training:
+    the source files' validated data, the base model, and the `format` and `training` sections."""
+
+    cron: str | None = None
+    """When to check for changes and retrain, as a five-field cron string (minute hour day month
+    weekday), e.g. `0 3 * * 1` for Mondays at 03:00. Unset: no schedule. A frequent check is cheap:
+    unchanged inputs skip without loading anything."""
+
+    timezone: str = "UTC"
+    """The IANA time zone the cron string is read in, e.g. `Europe/Berlin`."""
+
+    enabled: bool = True
+    """Whether the schedule is running when Dagster first loads it (false: stopped until started
+    in the UI). After that, the UI's toggle is what counts."""
+
+    watch_files: bool = True
+    """Whether the source-file sensor (new, changed and deleted files become partitions and
+    ingestion runs) and the automation that formats the dataset after new data start running."""
+
+    @field_validator("cron")
+    @classmethod
+    def _cron_has_five_fields(cls, value: str | None) -> str | None:
+        if value is not None and len(value.split()) != 5:
+            raise ValueError(
+                f"cron {value!r} must have five fields: minute hour day-of-month month day-of-week "
+                "(e.g. '0 3 * * 1' for Mondays at 03:00)"
+            )
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {value!r}: use an IANA name such as UTC or Europe/Berlin"
+            ) from None
+        return value
+
+
 class PlanSpec(Section):
     """What `python -m loraflow.plan <pipeline.yaml>` assumes for the time, cost and fit of a run."""
 
@@ -520,6 +567,15 @@ class PlanSpec(Section):
     gpu_memory_gib: float | None = Field(default=None, gt=0)
     """Memory of the GPU the run gets, in GiB, when it is not the named GPU's (e.g. 40 for an A100
     40GB): the plan says whether the peak estimate fits in it. Unset: the named GPU's."""
+
+    preflight: bool = True
+    """Before training, compare the peak estimate with the free memory where training runs and fail
+    fast, with the settings that would fit, when it exceeds it. Turn off only for a model the
+    planner misjudges (and say so in an issue)."""
+
+    memory_limit_gib: float | None = Field(default=None, gt=0)
+    """The most memory training may take, in GiB, when that is less than the device's free memory:
+    a GPU shared with other work, or a CPU machine that must stay usable. Unset: all the free memory."""
 
 
 class PipelineSpec(Section):
@@ -557,6 +613,9 @@ class PipelineSpec(Section):
 
     plan: PlanSpec = Field(default_factory=PlanSpec)
     """The GPU, price and memory the planner's time, cost and fit estimates assume."""
+
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    """When it retrains on its own, and whether its source files are watched."""
 
     root: Path = Field(exclude=True)
     """The project root that relative source paths resolve against (set by the loader)."""

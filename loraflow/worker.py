@@ -34,6 +34,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from loraflow.plan import PlanError
 from loraflow.request import TrainRequest, run_training
 from loraflow.train import TrainingError
 
@@ -131,7 +132,7 @@ def record_failure(err: Exception) -> None:
     path = os.environ.get(FAILURE_FILE_ENV)
     if not path:
         return
-    message = str(err) if isinstance(err, TrainingError) else f"{type(err).__name__}: {err}"
+    message = str(err) if isinstance(err, (TrainingError, PlanError)) else f"{type(err).__name__}: {err}"
     try:
         with open(path, "a", encoding="utf-8") as file:
             fcntl.flock(file, fcntl.LOCK_EX)

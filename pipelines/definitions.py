@@ -17,11 +17,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from dagster import Definitions, EnvVar
+from dagster import DagsterInvalidDefinitionError, Definitions, EnvVar, ScheduleDefinition
 
 from assets import pipeline_assets, source_partitions
 from loraflow.spec import PipelineSpec, SpecError, load_specs
 from pipelines.paths import default_home, default_pipelines_dir
+from pipelines.schedules import build_automation_sensor, build_retrain_schedule, retrain_job
 from pipelines.sensors import build_source_sensor
 from resources import ArtifactStore, HubPublisher, ManifestIOManager, Trainer, Warehouse
 
@@ -56,11 +57,29 @@ def build_definitions(pipelines_dir: Path, home: Path) -> Definitions:
     print(
         f"loraflow: {len(specs)} pipeline group(s) from {pipelines_dir}: {groups or 'none'}", file=sys.stderr
     )
+    jobs = {spec.name: retrain_job(spec) for spec in specs}
     return Definitions(
         assets=[asset for spec in specs for asset in pipeline_assets(spec)],
-        sensors=[build_source_sensor(spec, source_partitions(spec)) for spec in specs],
+        jobs=list(jobs.values()),
+        schedules=[schedule_of(spec, jobs[spec.name], pipelines_dir) for spec in specs if spec.schedule.cron],
+        sensors=[
+            sensor
+            for spec in specs
+            for sensor in (build_source_sensor(spec, source_partitions(spec)), build_automation_sensor(spec))
+        ],
         resources=pipeline_resources(home),
     )
+
+
+def schedule_of(spec: PipelineSpec, job, pipelines_dir: Path) -> ScheduleDefinition:
+    """The retrain schedule; a cron string Dagster cannot read is a spec error naming the key."""
+    try:
+        return build_retrain_schedule(spec, job)
+    except DagsterInvalidDefinitionError as err:
+        raise SpecError(
+            f"{pipelines_dir / spec.name}.yaml: schedule.cron {spec.schedule.cron!r} is not a cron string Dagster "
+            f"accepts ({err}); e.g. '0 3 * * 1' for Mondays at 03:00"
+        ) from None
 
 
 defs = build_definitions(default_pipelines_dir(), default_home())

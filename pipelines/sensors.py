@@ -54,7 +54,9 @@ def build_source_sensor(spec: PipelineSpec, partitions: DynamicPartitionsDefinit
     @sensor(
         name=f"{spec.name}__source_files",
         asset_selection=[AssetKey([spec.name, "raw_examples"]), AssetKey([spec.name, "validated_examples"])],
-        default_status=DefaultSensorStatus.RUNNING,
+        default_status=DefaultSensorStatus.RUNNING
+        if spec.schedule.watch_files
+        else DefaultSensorStatus.STOPPED,
         minimum_interval_seconds=30,
         description=f"Watches {', '.join(s.path for s in spec.data.sources)}: adds a partition per new file, "
         "re-ingests a file whose content changed, and removes the partition and rows of a deleted file.",

@@ -105,6 +105,20 @@ class Trainer(ConfigurableResource):
             self._run_subprocess(context, request)
         return read_result(request.adapter_dir)
 
+    @property
+    def trains_on_this_machine(self) -> bool:
+        """Whether training uses this machine's devices (every mode but kubernetes)."""
+        return self.mode != "kubernetes"
+
+    @property
+    def device_kind(self) -> str:
+        """`cuda` or `cpu`: what the training's device is, for the memory plan."""
+        if self.mode == "kubernetes":
+            return "cuda" if self.kubernetes.gpus else "cpu"
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
     def worker_command(self) -> list[str]:
         """The command line that starts the worker for `subprocess` or `torchrun`."""
         python = self.python or sys.executable

@@ -14,7 +14,11 @@ from dagster import AssetKey, instance_for_test, materialize
 
 from assets import PARTITIONED_STAGES, pipeline_assets
 from loraflow.demo_data import write_demo_data
-from loraflow.spec import LoraSpec, PipelineSpec, load_spec
+from loraflow.plan import PlanError, estimate_training
+from loraflow.plan.memory import GIB
+from loraflow.plan.preflight import leanest
+from loraflow.request import check_request_fits, run_training
+from loraflow.spec import LoraSpec, PipelineSpec, PlanSpec, load_spec
 from loraflow.train import TRAINING_SUMMARY, TrainingError
 from pipelines.definitions import pipeline_resources
 from pipelines.run import sync_partitions
@@ -122,6 +126,7 @@ def test_a_subprocess_training_streams_the_workers_progress_into_the_run_log(ups
     metadata = event.materialization.metadata
     assert metadata["steps"].value == summary["steps"] == 4
     assert metadata["final_train_loss"].value == summary["final_loss"]
+    assert metadata["plan_peak_gib"].value > 0 and "| **peak**" in metadata["memory_plan"].value
 
 
 def test_torchrun_with_two_ranks_follows_the_loss_curve_of_one_process_with_the_same_global_batch(upstream):
@@ -267,3 +272,40 @@ kubernetes:
         TrainingError, match=r"dataset_dir /elsewhere/datasets/big/v1 is outside .*store_mount"
     ):
         worker_pod_spec(kubernetes_trainer(home).kubernetes, outside, {})
+
+
+def test_a_training_that_cannot_fit_fails_before_the_model_loads_with_the_settings_that_would(upstream):
+    spec, home = upstream
+    (dataset,) = (home / "datasets" / spec.name).iterdir()
+    estimate = estimate_training(spec.training, home / "base_models" / "tiny-llama", dataset, device="cpu")
+    limit = (leanest(estimate).peak + estimate.peak) / 2 / GIB  # the leanest setting fits, these do not
+    tight = spec.model_copy(update={"plan": PlanSpec(memory_limit_gib=limit)})
+    adapters = home / "adapters" / spec.name
+    before = set(adapters.glob("*")) if adapters.exists() else set()
+    with instance_for_test() as instance:
+        result = train(tight, home, Trainer(mode="in_process"), instance)
+        log = run_log(instance, result)
+    assert not result.success
+    message = "\n".join(failure_messages(result))
+    assert "training will not fit" in message
+    assert f"plan.memory_limit_gib ({limit:g} GiB) has {limit:,.1f} GiB free" in message
+    assert "Settings that fit (each re-estimated):" in message and "training." in message
+    assert not any("trainable params" in line for line in log)  # no weights were loaded
+    assert set(adapters.glob("*")) == before  # no adapter folder, no checkpoint
+
+
+def test_a_worker_refuses_a_request_that_cannot_fit_before_loading_weights(upstream, tmp_path):
+    spec, home = upstream
+    (dataset,) = (home / "datasets" / spec.name).iterdir()
+    request = TrainRequest(
+        training=spec.training,
+        base_model_dir=str(home / "base_models" / "tiny-llama"),
+        dataset_dir=str(dataset),
+        adapter_dir=str(tmp_path / "adapter"),
+        plan=PlanSpec(memory_limit_gib=0.001),
+    )
+    with pytest.raises(PlanError, match="training will not fit"):
+        run_training(request)
+    assert not (tmp_path / "adapter").exists()
+    unchecked = request.model_copy(update={"plan": PlanSpec(memory_limit_gib=0.001, preflight=False)})
+    assert check_request_fits(unchecked) is None

@@ -20,6 +20,7 @@ from loraflow.plan.pipeline import (
     check_fits,
     check_training_fits,
     estimate_for_spec,
+    estimate_training,
     setup_from_training,
     time_for_spec,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "check_training_fits",
     "estimate_for_spec",
     "estimate_memory",
+    "estimate_training",
     "estimate_time",
     "fitting_alternatives",
     "flops_per_token",

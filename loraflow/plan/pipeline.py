@@ -192,6 +192,23 @@ def check_fits(
     return estimate
 
 
+def estimate_training(
+    training: TrainingSpec,
+    base_model_dir: str | Path,
+    dataset_dir: str | Path,
+    pack_to: int | None = None,
+    device: str = "cuda",
+) -> MemoryEstimate:
+    """Peak memory of a training given train_adapter's own arguments (no pipeline spec): `pack_to`
+    is the packed row length, or None for padded batches of the dataset's examples."""
+    summary = dataset_summary(dataset_dir)
+    longest = pack_to or summary.get("token_percentiles", {}).get("p100") or 1
+    setup = setup_for_training(
+        training, summary, longest, pack_to is not None, "cuda" if device.startswith("cuda") else "cpu"
+    )
+    return estimate_memory(ModelShape.from_folder(base_model_dir), setup)
+
+
 def check_training_fits(
     training: TrainingSpec,
     base_model_dir: str | Path,
@@ -201,15 +218,9 @@ def check_training_fits(
     device: str | None = None,
 ) -> MemoryEstimate:
     """check_fits with train_adapter's own arguments, for a process that has a training request
-    rather than a pipeline spec (a worker about to train): `pack_to` is the packed row length, or
-    None for padded batches of the dataset's examples."""
+    rather than a pipeline spec (a worker about to train)."""
     device = device or default_device()
     free = free or free_memory(device)
-    summary = dataset_summary(dataset_dir)
-    longest = pack_to or summary.get("token_percentiles", {}).get("p100") or 1
-    setup = setup_for_training(
-        training, summary, longest, pack_to is not None, "cuda" if device.startswith("cuda") else "cpu"
-    )
-    estimate = estimate_memory(ModelShape.from_folder(base_model_dir), setup)
+    estimate = estimate_training(training, base_model_dir, dataset_dir, pack_to, device)
     preflight(estimate, free.bytes, free.where)
     return estimate
