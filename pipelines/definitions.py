@@ -8,8 +8,10 @@ schedule and its data checks; a load error is shown on the UI's front page inste
 fix is one edit away.
 
 Environment: LORAFLOW_PIPELINES (folder of YAML files, default: this folder), LORAFLOW_HOME
-(the artifact store and warehouse, default: .loraflow in the project root) and HF_TOKEN (the token
-the `hub` resource uploads with; read only by runs that upload, for pipelines with publish.hub_repo).
+(the artifact store and warehouse, default: .loraflow in the project root), LORAFLOW_DEPLOYMENT
+(a resources YAML such as deploy/resources.yaml; unset: the embedded defaults) and HF_TOKEN (the
+token the `hub` resource uploads with; read only by runs that upload, for pipelines with
+publish.hub_repo).
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from dagster import DagsterInvalidDefinitionError, Definitions, EnvVar, ScheduleDefinition
+from dagster import DagsterInvalidDefinitionError, Definitions, ScheduleDefinition
 
 from assets import pipeline_assets, source_partitions
 from loraflow.spec import PipelineSpec, SpecError, load_specs
+from pipelines.deployment import deployment_resources
 from pipelines.paths import default_home, default_pipelines_dir
 from pipelines.schedules import build_automation_sensor, build_retrain_schedule, retrain_job
 from pipelines.sensors import build_source_sensor
-from resources import ArtifactStore, HubPublisher, ManifestIOManager, Trainer, Warehouse
 
 
 def load_pipelines(folder: Path) -> list[PipelineSpec]:
@@ -39,15 +41,9 @@ def load_pipelines(folder: Path) -> list[PipelineSpec]:
 
 
 def pipeline_resources(home: Path) -> dict:
-    """The resources every pipeline shares, storing everything under `home`."""
-    return {
-        "warehouse": Warehouse(path=str(home / "warehouse.duckdb")),
-        "store": ArtifactStore(root=str(home)),
-        "trainer": Trainer(),
-        "io_manager": ManifestIOManager(root=str(home)),
-        # read when a run that uploads starts; runs that do not upload never need HF_TOKEN
-        "hub": HubPublisher(token=EnvVar("HF_TOKEN")),
-    }
+    """The resources every pipeline shares: those the YAML named by LORAFLOW_DEPLOYMENT describes
+    (deploy/resources.yaml for a cluster), else the embedded defaults, storing everything under `home`."""
+    return deployment_resources(home)
 
 
 def build_definitions(pipelines_dir: Path, home: Path) -> Definitions:
