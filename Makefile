@@ -34,10 +34,14 @@ demo: install
 test: install
 	$(PY) -m pytest
 
+# The webserver and the daemon (schedules, sensors, queued runs) on 127.0.0.1:$(UI_PORT); Ctrl-C stops
+# both and the code server. Started inside DAGSTER_HOME, so the instance config dagster finds is the
+# one linked there. Started from a script instead of a terminal, stop it by its process group:
+# dagster dev ignores SIGTERM.
+UI_PORT ?= 3000
 ui: install
-	# Started inside DAGSTER_HOME, so the instance config dagster finds is the one linked there.
-	cd $(DAGSTER_HOME) && $(CURDIR)/$(VENV)/bin/dagster dev -m pipelines.definitions -d $(CURDIR) \
-		--host 127.0.0.1 --port 3000
+	cd $(DAGSTER_HOME) && exec $(CURDIR)/$(VENV)/bin/dagster dev -m pipelines.definitions -d $(CURDIR) \
+		--host 127.0.0.1 --port $(UI_PORT)
 
 lint: install
 	$(VENV)/bin/ruff check .

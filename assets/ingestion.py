@@ -46,7 +46,7 @@ def build_raw_examples(spec: PipelineSpec, partitions: DynamicPartitionsDefiniti
         backfill_policy=PER_FILE,
         code_version=spec.section_version("data"),
         description="Every record of one source file (JSON Lines, JSON array, CSV or Parquet), untouched, with "
-        "its file, record index and the file's sha256. Table <pipeline>.raw_examples in the warehouse.",
+        f"its file, record index and the file's sha256. Table `{spec.name}.raw_examples` in the warehouse.",
     )
     def raw_examples(context: AssetExecutionContext, warehouse: Warehouse) -> MaterializeResult:
         key = context.partition_key

@@ -59,7 +59,7 @@ def build_published_model(spec: PipelineSpec):
         },
         code_version=spec.section_version("publish"),
         description=f"The adapter merged into the base in {spec.publish.dtype}, saved as safetensors with the "
-        "tokenizer, chat template, the adapter on its own and a model card, under models/<pipeline>/<version>.",
+        f"tokenizer, chat template, the adapter on its own and a model card, under `models/{spec.name}/<version>`.",
         check_specs=[
             AssetCheckSpec(
                 "merge_fidelity",

@@ -155,7 +155,7 @@ def build_validated_examples(spec: PipelineSpec, partitions: DynamicPartitionsDe
         automation_condition=AutomationCondition.eager(),
         backfill_policy=PER_FILE,
         description="Rows of one source file normalized to chat messages (or a text) that pass the quality rules "
-        "(table <pipeline>.validated_examples); the others go to <pipeline>.quarantine with a reason code and "
+        f"(table `{spec.name}.validated_examples`); the others go to `{spec.name}.quarantine` with a reason code and "
         "the original record.",
         check_specs=[
             AssetCheckSpec(
