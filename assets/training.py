@@ -7,9 +7,8 @@ from dagster import AssetExecutionContext, AssetIn, AssetKey, DataVersion, Metad
 
 from assets.training_inputs import FINGERPRINT_KEY, INPUTS_KEY, fingerprint, training_inputs, training_version
 from loraflow.artifacts import folder_sha256
-from loraflow.plan import estimate_training
 from loraflow.plan.memory import GIB
-from loraflow.request import check_request_fits
+from loraflow.request import check_request_fits, plan_request
 from loraflow.spec import PipelineSpec
 from loraflow.train import LOSS_CURVE
 from resources import ArtifactStore, Trainer, TrainRequest
@@ -25,6 +24,11 @@ def loss_table(loss: list, evals: list, rows: int = 40) -> str:
     lines = ["| step | train loss | eval loss |", "|---|---|---|"]
     lines += [f"| {step} | {value:.4f} | {by_step.get(step, '')} |" for step, value in shown]
     return "\n".join(lines)
+
+
+def plan_metadata(estimate) -> dict:
+    """The memory plan's figures (`plan_*`) and its itemized table."""
+    return {**estimate.metadata(), "memory_plan": MetadataValue.md(estimate.table("GiB"))}
 
 
 def build_adapter(spec: PipelineSpec):
@@ -77,14 +81,14 @@ def build_adapter(spec: PipelineSpec):
         )
         # Preflight: config.json and the dataset summary only, before any weight is loaded. A pod
         # checks its own GPU when it starts; here its estimate is only shown.
-        estimate = check_request_fits(request) if trainer.trains_on_this_machine else None
-        if estimate is None:
-            estimate = estimate_training(
-                spec.training, base_model["path"], training_dataset["path"], pack_to, trainer.device_kind
+        if trainer.trains_on_this_machine:
+            estimate = check_request_fits(request)
+        else:
+            estimate = plan_request(request, trainer.device_kind)
+        if estimate is not None:
+            context.log.info(
+                f"memory plan: about {estimate.peak / GIB:.2f} GiB at peak ({estimate.setup.describe()})"
             )
-        context.log.info(
-            f"memory plan: about {estimate.peak / GIB:.2f} GiB at peak ({estimate.setup.describe()})"
-        )
         result = trainer.train(context, request)
         # what this adapter was trained from, for the retrain schedule's "did anything change?"
         inputs = training_inputs(
@@ -131,8 +135,7 @@ def build_adapter(spec: PipelineSpec):
                 INPUTS_KEY: MetadataValue.json(inputs),
                 "loss_curve": MetadataValue.path(str(adapter_dir / LOSS_CURVE)),
                 "loss_by_step": MetadataValue.md(loss_table(result.loss_curve, result.eval_curve)),
-                **estimate.metadata(),
-                "memory_plan": MetadataValue.md(estimate.table("GiB")),
+                **(plan_metadata(estimate) if estimate is not None else {}),
             },
         )
 

@@ -7,15 +7,18 @@ the library so that the worker, which imports no Dagster, validates it with the 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from loraflow.plan import FreeMemory, MemoryEstimate, check_training_fits, free_memory
+from loraflow.plan import FreeMemory, MemoryEstimate, PlanError, estimate_training, free_memory, preflight
 from loraflow.plan.memory import GIB
 from loraflow.spec import KubernetesSpec, PlanSpec, TrainingSpec
 from loraflow.train import TrainResult, train_adapter
+
+log = logging.getLogger("loraflow")
 
 
 class TrainRequest(BaseModel):
@@ -53,21 +56,30 @@ def memory_available(plan: PlanSpec, device: str) -> FreeMemory:
     return free
 
 
+def plan_request(request: TrainRequest, device: str = "cuda") -> MemoryEstimate | None:
+    """The training's peak memory estimate on `device` (`cuda` or `cpu`), or None, with a warning,
+    when the planner cannot estimate this model or these settings (a layout or module it does not
+    know): training then goes ahead and reports its own errors."""
+    try:
+        return estimate_training(
+            request.training, request.base_model_dir, request.dataset_dir, request.pack_to, device
+        )
+    except PlanError as err:
+        log.warning("no memory plan for this training: %s", err)
+        return None
+
+
 def check_request_fits(request: TrainRequest, device: str | None = None) -> MemoryEstimate | None:
     """The training's peak memory estimate, checked against what `device` (default: where this
-    process trains) has free; raises PlanError, with the settings that would fit, before any
-    weight is loaded. None when the pipeline turned the preflight off."""
-    if not request.plan.preflight:
-        return None
+    process trains) has free, or `plan.memory_limit_gib` when less: raises PlanError, with the
+    settings that would fit, before any weight is loaded. No check with `plan.preflight: false`;
+    None when there is no estimate (see plan_request)."""
     device = device or training_device()
-    return check_training_fits(
-        request.training,
-        request.base_model_dir,
-        request.dataset_dir,
-        request.pack_to,
-        free=memory_available(request.plan, device),
-        device=device,
-    )
+    estimate = plan_request(request, device)
+    if estimate is not None and request.plan.preflight:
+        free = memory_available(request.plan, device)
+        preflight(estimate, free.bytes, free.where)
+    return estimate
 
 
 def run_training(request: TrainRequest) -> TrainResult:

@@ -308,4 +308,4 @@ def test_a_worker_refuses_a_request_that_cannot_fit_before_loading_weights(upstr
         run_training(request)
     assert not (tmp_path / "adapter").exists()
     unchecked = request.model_copy(update={"plan": PlanSpec(memory_limit_gib=0.001, preflight=False)})
-    assert check_request_fits(unchecked) is None
+    assert check_request_fits(unchecked).peak > 0.001 * GIB  # estimated, not checked
