@@ -25,57 +25,13 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import textwrap  # noqa: E402
+import threading  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-CHILD = r"""
-import json, re, sys
-from pathlib import Path
-
-from loraflow.spec import load_spec
-from loraflow.train import train_adapter
-
-args = json.loads(sys.argv[1])
-spec = load_spec(args["pipeline"])
-peaks = []
-
-def peak_so_far(figures):
-    status = Path("/proc/self/status").read_text()
-    peaks.append(int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024)
-
-train_adapter(spec.training, Path(args["model"]), Path(args["dataset"]), Path(args["adapter"]),
-              progress=peak_so_far)
-print("PEAKS", json.dumps(peaks))
-"""
-
 MAPPED = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-
-
-def chat_rows(n: int) -> list[dict]:
-    """Short chats, shaped like validated examples (the same rows as tests/test_plan.py)."""
-    rows = []
-    for i in range(n):
-        messages = [
-            {"role": "user", "content": f"Summarize record {i}: " + "alpha beta gamma " * (3 + i % 5)},
-            {"role": "assistant", "content": "delta epsilon " * (5 + (7 * i) % 12)},
-        ]
-        rows.append(
-            {
-                "partition": "f.jsonl",
-                "source_file": "f.jsonl",
-                "record_index": i + 1,
-                "sub_index": 0,
-                "messages": json.dumps(messages),
-                "text": None,
-                "example_hash": hashlib.sha256(f"r{i}".encode()).hexdigest(),
-            }
-        )
-    return rows
 
 
 def tiny_model(folder: Path, tokenizer) -> Path:
@@ -132,6 +88,7 @@ def main() -> int:
     from loraflow.base_model import load_tokenizer, resolve_base_model
     from loraflow.dataset import build_dataset
     from loraflow.plan import estimate_for_spec
+    from loraflow.plan.measure import measure_peaks, sample_chats
     from loraflow.plan.memory import MIB
     from loraflow.spec import BaseModelSpec, FormatSpec, load_spec
 
@@ -141,7 +98,7 @@ def main() -> int:
     tokenizer = load_tokenizer(smol)
     tiny = tiny_model(work / "tiny-llama", tokenizer)
     fmt = FormatSpec(eval_size=2, max_seq_len=128)
-    data = build_dataset(chat_rows(40), tokenizer, fmt, tokenizer.chat_template, "t", work / "datasets")
+    data = build_dataset(sample_chats(40), tokenizer, fmt, tokenizer.chat_template, "t", work / "datasets")
     cases = [
         ("tiny Llama", tiny, "lora", 8, False),
         ("tiny Llama", tiny, "qlora", 8, False),
@@ -150,33 +107,32 @@ def main() -> int:
         ("SmolLM2-135M", smol, "lora", 8, True),
     ]
     runs = [(case, mode) for case in cases for mode in ("mapped", "default")]
+    environment = threading.Lock()
 
     def measure(run):
         (label, model, method, batch, checkpointing), mode = run
         name = f"{label.split()[0].lower().replace('-', '_')}_{method}_{batch}_{int(checkpointing)}_{mode}"
         yaml_path = pipeline_yaml(work, name, method, batch, args.steps, checkpointing)
-        env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
-        env |= MAPPED if mode == "mapped" else {}
-        previous = os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
-        try:  # the estimate reads the same environment the training process gets
-            os.environ.update(MAPPED if mode == "mapped" else {})
-            estimate = estimate_for_spec(load_spec(yaml_path), model, data.path, device="cpu")
-        finally:
-            os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
-            if previous is not None:
-                os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
-        child = {
-            "pipeline": str(yaml_path),
-            "model": str(model),
-            "dataset": data.path,
-            "adapter": str(work / name),
-        }
-        done = subprocess.run(
-            [sys.executable, "-c", CHILD, json.dumps(child)], capture_output=True, text=True, env=env
-        )
-        if done.returncode != 0:
-            return run, estimate, None, done.stderr.strip().splitlines()[-1]
-        peaks = json.loads(done.stdout.split("PEAKS")[-1])
+        with environment:  # one thread at a time sets the environment the estimate reads
+            previous = os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+            try:  # the estimate reads the same environment the training process gets
+                os.environ.update(MAPPED if mode == "mapped" else {})
+                estimate = estimate_for_spec(load_spec(yaml_path), model, data.path, device="cpu")
+            finally:
+                os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+                if previous is not None:
+                    os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
+        adapter = work / name
+        try:
+            peaks = measure_peaks(
+                yaml_path,
+                model,
+                data.path,
+                adapter,
+                env={"MALLOC_MMAP_THRESHOLD_": None} | (MAPPED if mode == "mapped" else {}),
+            )
+        except RuntimeError as err:
+            return run, estimate, None, str(err).splitlines()[-1]
         return run, estimate, peaks, None
 
     print(

@@ -3,11 +3,7 @@ against peaks measured on this CPU."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +27,7 @@ from loraflow.plan import (
     time_for_spec,
 )
 from loraflow.plan.__main__ import main
+from loraflow.plan.measure import measure_peaks, sample_chats
 from loraflow.plan.memory import GIB, MIB
 from loraflow.plan.preflight import available_system_memory
 from loraflow.spec import SpecError, load_spec
@@ -352,7 +349,7 @@ def test_a_worker_checks_its_training_request_against_free_memory(tokenizer, tin
     from loraflow.spec import FormatSpec, TrainingSpec
 
     data = build_dataset(
-        _chat_rows(12),
+        sample_chats(12),
         tokenizer,
         FormatSpec(eval_size=2, max_seq_len=128),
         tokenizer.chat_template,
@@ -392,47 +389,6 @@ def test_available_memory_comes_from_meminfo(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # estimates against measured peaks
 
-MEASURE = r"""
-import json, re, sys
-from pathlib import Path
-
-from loraflow.spec import load_spec
-from loraflow.train import train_adapter
-
-args = json.loads(sys.argv[1])
-spec = load_spec(args["pipeline"])
-peaks = []
-
-def peak_so_far(figures):
-    status = Path("/proc/self/status").read_text()
-    peaks.append(int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024)
-
-train_adapter(spec.training, Path(args["model"]), Path(args["dataset"]), Path(args["adapter"]),
-              progress=peak_so_far)
-print("PEAK", max(peaks))
-"""
-
-
-def _chat_rows(n: int) -> list[dict]:
-    rows = []
-    for i in range(n):
-        messages = [
-            {"role": "user", "content": f"Summarize record {i}: " + "alpha beta gamma " * (3 + i % 5)},
-            {"role": "assistant", "content": "delta epsilon " * (5 + (7 * i) % 12)},
-        ]
-        rows.append(
-            {
-                "partition": "f.jsonl",
-                "source_file": "f.jsonl",
-                "record_index": i + 1,
-                "sub_index": 0,
-                "messages": json.dumps(messages),
-                "text": None,
-                "example_hash": hashlib.sha256(f"r{i}".encode()).hexdigest(),
-            }
-        )
-    return rows
-
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak RSS from /proc")
 def test_estimates_are_within_15_percent_of_peaks_measured_on_this_cpu(
@@ -451,7 +407,7 @@ def test_estimates_are_within_15_percent_of_peaks_measured_on_this_cpu(
     from loraflow.spec import FormatSpec
 
     data = build_dataset(
-        _chat_rows(40),
+        sample_chats(40),
         tokenizer,
         FormatSpec(eval_size=2, max_seq_len=128),
         tokenizer.chat_template,
@@ -485,21 +441,7 @@ def test_estimates_are_within_15_percent_of_peaks_measured_on_this_cpu(
             """,
         )
         estimate = estimate_for_spec(load_spec(yaml_path), model, data.path, device="cpu")
-        args = {
-            "pipeline": str(yaml_path),
-            "model": str(model),
-            "dataset": data.path,
-            "adapter": str(tmp_path / name),
-        }
-        run = subprocess.run(
-            [sys.executable, "-c", MEASURE, json.dumps(args)],
-            capture_output=True,
-            text=True,
-            env={**os.environ, **env},
-            timeout=300,
-        )
-        assert run.returncode == 0, run.stderr[-2000:]
-        measured = int(run.stdout.split("PEAK")[-1])
+        measured = max(measure_peaks(yaml_path, model, data.path, tmp_path / name, env=env, timeout=300))
         return estimate.peak / MIB, measured / MIB
 
     with ThreadPoolExecutor(2) as pool:
