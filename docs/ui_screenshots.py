@@ -17,18 +17,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from ui_browser import Browser, DagsterApi, asset_path, browser_missing, group_path  # noqa: E402
 
+from assets import STAGES  # noqa: E402  (every stage of a pipeline's graph)
+
 IMAGES = Path(__file__).resolve().parent / "images"
 # node colours that show an asset's status; a node stays gray until the graph's live data has loaded
 STATUS_COLOURS = ("green", "red", "yellow", "blue")
-STAGES = (
-    "base_model",
-    "raw_examples",
-    "validated_examples",
-    "training_dataset",
-    "adapter",
-    "evaluation",
-    "published_model",
-)
 
 
 def statuses_shown(browser: Browser) -> bool:

@@ -83,3 +83,30 @@ def write_yaml(folder: Path, name: str, text: str) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
     return path
+
+
+def materialize_upstream_of_adapter(spec, home: Path) -> None:
+    """Ingest and validate every source file of `spec`, then base_model and training_dataset, on a
+    throwaway instance; their manifests stay in `home` for tests that train from them."""
+    from dagster import AssetKey, instance_for_test, materialize
+
+    from assets import PARTITIONED_STAGES, pipeline_assets
+    from pipelines.definitions import pipeline_resources
+    from pipelines.run import sync_partitions
+
+    assets, resources = pipeline_assets(spec), pipeline_resources(home)
+    with instance_for_test() as instance:
+        for partition in sync_partitions(spec, instance, resources).to_ingest:
+            materialize(
+                assets,
+                selection=[AssetKey([spec.name, stage]) for stage in PARTITIONED_STAGES],
+                partition_key=partition,
+                instance=instance,
+                resources=resources,
+            )
+        materialize(
+            assets,
+            selection=[AssetKey([spec.name, stage]) for stage in ("base_model", "training_dataset")],
+            instance=instance,
+            resources=resources,
+        )

@@ -20,7 +20,7 @@ from typing import TypeVar
 import dagster._daemon.monitoring.concurrency as slot_monitor
 import pytest
 import yaml
-from conftest import write_yaml
+from conftest import materialize_upstream_of_adapter, write_yaml
 from dagster import (
     AssetKey,
     AssetsDefinition,
@@ -32,12 +32,11 @@ from dagster import (
 )
 from dagster import instance_for_test as dagster_instance_for_test
 
-from assets import PARTITIONED_STAGES, pipeline_assets
+from assets import pipeline_assets
 from assets.training import GPU_POOL
 from loraflow.demo_data import write_demo_data
 from loraflow.spec import PipelineSpec, load_spec
 from pipelines.definitions import pipeline_resources
-from pipelines.run import sync_partitions
 from resources import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -113,22 +112,7 @@ def training_inputs(tmp_path_factory, tiny_model_dir) -> TrainingInputs:
     spec_path = write_yaml(project / "pipelines", "triage", PIPELINE.format(model=tiny_model_dir))
     spec = load_spec(spec_path)
     home = project / ".loraflow"
-    assets, resources = pipeline_assets(spec), pipeline_resources(home)
-    with dagster_instance_for_test() as instance:
-        for partition in sync_partitions(spec, instance, resources).to_ingest:
-            materialize(
-                assets,
-                selection=[AssetKey([spec.name, stage]) for stage in PARTITIONED_STAGES],
-                partition_key=partition,
-                instance=instance,
-                resources=resources,
-            )
-        materialize(
-            assets,
-            selection=[AssetKey([spec.name, stage]) for stage in ("base_model", "training_dataset")],
-            instance=instance,
-            resources=resources,
-        )
+    materialize_upstream_of_adapter(spec, home)
     return TrainingInputs(spec_path, spec, home)
 
 

@@ -9,10 +9,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import write_yaml
+from conftest import materialize_upstream_of_adapter, write_yaml
 from dagster import AssetKey, instance_for_test, materialize
 
-from assets import PARTITIONED_STAGES, pipeline_assets
+from assets import pipeline_assets
 from loraflow.demo_data import write_demo_data
 from loraflow.plan import PlanError, estimate_training
 from loraflow.plan.memory import GIB
@@ -21,7 +21,6 @@ from loraflow.request import check_request_fits, run_training
 from loraflow.spec import LoraSpec, PipelineSpec, PlanSpec, load_spec
 from loraflow.train import TRAINING_SUMMARY, TrainingError
 from pipelines.definitions import pipeline_resources
-from pipelines.run import sync_partitions
 from resources import KubernetesSettings, Trainer, TrainRequest
 from resources.trainer import worker_pod_spec
 
@@ -58,22 +57,7 @@ def upstream(tmp_path_factory, tiny_model_dir) -> tuple[PipelineSpec, Path]:
     # in the artifact store, as a pod would need it: the store is the volume the pod mounts
     model = shutil.copytree(tiny_model_dir, home / "base_models" / "tiny-llama")
     spec = load_spec(write_yaml(project / "pipelines", "triage", PIPELINE.format(model=model)))
-    assets, resources = pipeline_assets(spec), pipeline_resources(home)
-    with instance_for_test() as instance:
-        for partition in sync_partitions(spec, instance, resources).to_ingest:
-            materialize(
-                assets,
-                selection=[AssetKey([spec.name, stage]) for stage in PARTITIONED_STAGES],
-                partition_key=partition,
-                instance=instance,
-                resources=resources,
-            )
-        materialize(
-            assets,
-            selection=[AssetKey([spec.name, stage]) for stage in ("base_model", "training_dataset")],
-            instance=instance,
-            resources=resources,
-        )
+    materialize_upstream_of_adapter(spec, home)
     return spec, home
 
 
