@@ -31,7 +31,7 @@ from loraflow.dataset import (
 )
 from loraflow.spec import PipelineSpec
 from loraflow.templates import TemplateError, resolve_template
-from loraflow.validate import partitions_over_limit
+from loraflow.validate import partitions_not_adding_up, partitions_over_limit
 from resources import ArtifactStore, Warehouse
 
 LENGTH_WARN_FRACTION = 0.05
@@ -140,7 +140,17 @@ def build_training_dataset(spec: PipelineSpec):
     ) -> Output[dict]:
         with warehouse.connect() as con:
             rejected = partitions_over_limit(con, spec.name, spec.quality.max_invalid_fraction)
+            lossy = partitions_not_adding_up(con, spec.name)
             rows, duplicates = select_examples(con, spec.name)
+        if lossy:
+            # counts_add_up failed on these and stopped its own run; this keeps a later run from training
+            listing = ", ".join(
+                f"{p} ({raw} raw, {valid} valid + {bad} quarantined)" for p, raw, valid, bad in lossy
+            )
+            raise Failure(
+                description=f"source files whose rows do not add up (raw = valid + quarantined): {listing}. "
+                "Re-materialize their raw_examples and validated_examples partitions"
+            )
         if rejected:
             # the blocking data check stops its own run; this keeps a later run from training on the file
             listing = ", ".join(f"{p} ({bad} of {n} rows quarantined)" for p, bad, n in rejected)

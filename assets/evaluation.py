@@ -15,54 +15,18 @@ from dagster import (
 )
 
 from loraflow.artifacts import write_json_atomic, write_text_atomic
-from loraflow.evaluate import EvalReport, evaluate_adapter
+from loraflow.evaluate import evaluate_adapter
+from loraflow.gate import describe_gate, gate_verdict
 from loraflow.merge import latest_published, published_record
-from loraflow.spec import GateSpec, PipelineSpec
+from loraflow.spec import PipelineSpec
 from resources import ArtifactStore
 
 GATE = "gate"
 
 
-def gate_verdict(report: EvalReport, gate: GateSpec) -> tuple[bool, dict, list[str]]:
-    """Whether the tuned model passes every threshold, the figures, and one line per failed threshold."""
-    failures = []
-    improvement = report.improvement(gate.metric)
-    figures = {"metric": gate.metric, "improvement": improvement, "required": gate.min_improvement}
-    if improvement < gate.min_improvement:
-        failures.append(
-            f"{gate.metric}: the tuned model improves by {improvement:+.4f} over the base, the gate needs "
-            f"{gate.min_improvement:+.4f} (short by {gate.min_improvement - improvement:.4f})"
-        )
-    if report.forgetting is not None:
-        figures["forgetting_ratio"] = report.forgetting.ratio
-    if gate.max_forgetting_ratio is not None:
-        ratio = report.forgetting.ratio if report.forgetting is not None else float("inf")
-        figures["max_forgetting_ratio"] = gate.max_forgetting_ratio
-        if ratio > gate.max_forgetting_ratio:
-            failures.append(
-                f"forgetting: the tuned model's loss on the base's own answers to general prompts is {ratio:.2f}x "
-                f"the base's, the gate allows {gate.max_forgetting_ratio:.2f}x (over by {ratio - gate.max_forgetting_ratio:.2f})"
-            )
-    if gate.must_beat_published and report.published is not None:
-        over = report.improvement(gate.metric, over="published")
-        figures["improvement_over_published"] = over
-        figures["published_version"] = report.published_version
-        if over < 0:
-            failures.append(
-                f"{gate.metric}: the tuned model is {-over:.4f} worse than the published version "
-                f"{report.published_version} on the same examples"
-            )
-    return not failures, figures, failures
-
-
 def build_evaluation(spec: PipelineSpec):
     key = AssetKey([spec.name, "evaluation"])
     gate = spec.evaluation.gate
-    thresholds = [f"improves {gate.metric} by at least {gate.min_improvement} over the base"]
-    if gate.max_forgetting_ratio is not None:
-        thresholds.append(f"drifts at most {gate.max_forgetting_ratio}x on general prompts")
-    if gate.must_beat_published:
-        thresholds.append("is at least as good as the published version")
 
     @asset(
         key=key,
@@ -82,7 +46,7 @@ def build_evaluation(spec: PipelineSpec):
                 GATE,
                 asset=key,
                 blocking=True,
-                description=f"The tuned model {'; '.join(thresholds)}. published_model runs only when this passes.",
+                description=f"The tuned model {describe_gate(gate)}. published_model runs only when this passes.",
             )
         ],
     )
@@ -116,7 +80,7 @@ def build_evaluation(spec: PipelineSpec):
         report_dir = store.folder("reports", spec.name, adapter["version"])
         markdown = report.markdown(f"{spec.name}: evaluation of adapter {adapter['version']}")
         write_text_atomic(report_dir / "evaluation.md", markdown)
-        passed, figures, failures = gate_verdict(report, gate)
+        verdict = gate_verdict(report, gate)
         manifest = {
             "adapter_version": adapter["version"],
             "examples": report.examples,
@@ -124,7 +88,7 @@ def build_evaluation(spec: PipelineSpec):
             "tuned": report.tuned.metrics,
             "published": report.published.metrics if report.published else None,
             "forgetting_ratio": report.forgetting.ratio if report.forgetting else None,
-            "gate": {"passed": passed, **figures, "failures": failures},
+            "gate": {"passed": verdict.passed, **verdict.figures, "failures": verdict.failures},
             "table": report.table(),
             "report": str(report_dir / "evaluation.md"),
         }
@@ -149,9 +113,9 @@ def build_evaluation(spec: PipelineSpec):
         )
         yield AssetCheckResult(
             check_name=GATE,
-            passed=passed,
-            metadata=figures,
-            description=None if passed else "; ".join(failures) + ". Not publishing.",
+            passed=verdict.passed,
+            metadata=verdict.figures,
+            description=None if verdict.passed else "; ".join(verdict.failures) + ". Not publishing.",
         )
 
     return evaluation

@@ -219,6 +219,23 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
     return sum(scores) / len(scores) if scores else 0.0
 
 
+def answer_metrics(answers: list[str], references: list[str], matches_format=None) -> dict[str, float]:
+    """Means over the answers: `exact_match` (equal strings, after stripping surrounding whitespace),
+    `token_f1`, `rouge_l`, and `format_match` when there is a format check. Empty without answers."""
+    if not answers:
+        return {}
+    n = len(answers)
+    pairs = list(zip(answers, references, strict=True))
+    metrics = {
+        "exact_match": sum(a.strip() == r.strip() for a, r in pairs) / n,
+        "token_f1": sum(token_f1(a, r) for a, r in pairs) / n,
+        "rouge_l": rouge_l(answers, references),
+    }
+    if matches_format is not None:
+        metrics["format_match"] = sum(bool(matches_format(a)) for a in answers) / n
+    return metrics
+
+
 def format_checker(spec: EvaluationSpec, root: Path | None = None):
     """A function answer -> bool from the spec's format check, or None when there is none."""
     if spec.format_regex is not None:
@@ -315,14 +332,7 @@ def score(
     per_row, loss = example_losses(model, rows, tokenizer.pad_token_id, spec.batch_size)
     answers = generate_answers(model, tokenizer, prompts, spec.max_new_tokens, spec.batch_size)
     metrics = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-    if answers:
-        n = len(answers)
-        pairs = list(zip(answers, references, strict=True))
-        metrics["exact_match"] = sum(a == r for a, r in pairs) / n
-        metrics["token_f1"] = sum(token_f1(a, r) for a, r in pairs) / n
-        metrics["rouge_l"] = rouge_l(answers, references)
-        if matches_format is not None:
-            metrics["format_match"] = sum(matches_format(a) for a in answers) / n
+    metrics.update(answer_metrics(answers, references, matches_format))
     log.info(
         "%s: %s (%d examples in %.1fs)",
         label,

@@ -39,7 +39,6 @@ class PublishResult:
     merge_tolerance: float
     reload_max_abs_diff: float
     """Largest logit difference between the saved-and-reloaded folder and the merged model."""
-    weights_changed: bool
 
 
 def publish_version(adapter_dir: Path, base_model_hash: str, dtype: str) -> str:
@@ -83,8 +82,9 @@ def merge_adapter(
     tolerance: float | None = None,
     record: dict | None = None,
 ) -> PublishResult:
-    """Merge, check the merged logits against base plus adapter, save, reload and compare again,
-    then point `latest` at the new version. Any failure leaves `latest` where it was."""
+    """Merge, check the merged logits against base plus adapter and against the base (an adapter
+    that changes nothing is refused), save, reload and compare again, then point `latest` at the
+    new version. Any failure leaves `latest` where it was and writes no version folder."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -118,7 +118,11 @@ def merge_adapter(
             f"in {dtype}; nothing was published. Publish in float32 (publish.dtype), or raise publish.merge_tolerance "
             "if the difference is expected for this dtype"
         )
-    weights_changed = any(not torch.equal(m, b) for m, b in zip(merged_logits, base_logits, strict=True))
+    if all(torch.equal(m, b) for m, b in zip(merged_logits, base_logits, strict=True)):
+        raise MergeError(
+            "the merged model's logits equal the base's on every probe: the adapter changed nothing "
+            "(trained for too few steps, or with a learning rate too small to move it); nothing was published"
+        )
     _stop_at_end_of_turn(merged, tokenizer)
 
     target = Path(models_dir) / version
@@ -150,7 +154,6 @@ def merge_adapter(
         merge_max_abs_diff=merge_diff,
         merge_tolerance=allowed,
         reload_max_abs_diff=reload_diff,
-        weights_changed=weights_changed,
     )
 
 

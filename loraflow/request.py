@@ -82,10 +82,11 @@ def check_request_fits(request: TrainRequest, device: str | None = None) -> Memo
     return estimate
 
 
-def run_training(request: TrainRequest) -> TrainResult:
+def run_training(request: TrainRequest, preflight: bool = True) -> TrainResult:
     """Train the adapter the request describes, in this process (one rank under torchrun), after
-    checking that it fits (see check_request_fits)."""
-    check_request_fits(request)
+    checking that it fits (see check_request_fits); `preflight=False` when the caller has checked."""
+    if preflight:
+        check_request_fits(request)
     return train_adapter(
         request.training,
         Path(request.base_model_dir),

@@ -661,3 +661,19 @@ def partitions_over_limit(
         """,
         [max_invalid_fraction],
     ).fetchall()
+
+
+def partitions_not_adding_up(con: duckdb.DuckDBPyConnection, pipeline: str) -> list[tuple]:
+    """Partitions whose raw rows are not exactly their validated plus quarantined rows (something was
+    lost or counted twice): (partition, raw, valid, quarantined), by partition."""
+    ensure_tables(con, pipeline)
+    return con.execute(
+        f"""
+        WITH raw AS (SELECT partition, count(*) AS n FROM "{pipeline}".{RAW_TABLE} GROUP BY 1),
+        valid AS (SELECT partition, count(*) AS n FROM "{pipeline}".{VALID_TABLE} GROUP BY 1),
+        bad AS (SELECT partition, count(*) AS n FROM "{pipeline}".{QUARANTINE_TABLE} GROUP BY 1)
+        SELECT raw.partition, raw.n, coalesce(valid.n, 0), coalesce(bad.n, 0)
+        FROM raw LEFT JOIN valid USING (partition) LEFT JOIN bad USING (partition)
+        WHERE raw.n <> coalesce(valid.n, 0) + coalesce(bad.n, 0) ORDER BY 1
+        """
+    ).fetchall()

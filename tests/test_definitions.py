@@ -84,3 +84,27 @@ def test_dagster_validate_fails_on_a_misspelt_key_naming_file_and_key(project, t
     assert result.returncode != 0
     assert str(path) in result.stderr or str(path) in result.stdout
     assert "evaluation.max_exmaples" in result.stderr + result.stdout
+
+
+def test_the_repositorys_instance_queues_runs_limits_backfills_and_the_gpu_pool_and_retries_crashes(tmp_path):
+    """What README's "The instance" says of dagster.yaml, read through the instance Dagster builds from it."""
+    from dagster import DagsterInstance
+    from dagster._core.instance.ref import InstanceRef
+    from dagster._core.run_coordinator import QueuedRunCoordinator
+
+    ref = InstanceRef.from_dir(str(tmp_path), config_dir=str(REPO))
+    with DagsterInstance.from_ref(ref) as instance:
+        assert isinstance(instance.run_coordinator, QueuedRunCoordinator)
+        concurrency = instance.get_concurrency_config()
+        queue = concurrency.run_queue_config
+        assert queue.max_concurrent_runs == 4
+        assert queue.tag_concurrency_limits == [{"key": "dagster/backfill", "limit": 2}]
+        assert concurrency.pool_config.default_pool_limit == 1  # one training at a time
+        monitoring = instance.run_monitoring_settings
+        assert monitoring["enabled"] and monitoring["start_timeout_seconds"] == 300
+        assert monitoring["free_slots_after_run_end_seconds"] == 30  # a crashed run frees the gpu slot
+        assert instance.run_retries_enabled and instance.run_retries_max_retries == 2
+        assert instance.run_retries_retry_on_asset_or_op_failure is False
+        assert not instance.telemetry_enabled
+        assert instance.managed_python_loggers == ["loraflow"] and instance.python_log_level == "INFO"
+        assert str(tmp_path) in instance.root_directory  # history under DAGSTER_HOME, here a temp folder

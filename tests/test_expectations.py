@@ -10,12 +10,7 @@ import pytest
 
 from loraflow.expectations import SuiteResult, build_suite, mostly_for, run_suite
 from loraflow.spec import PiiSpec, QualitySpec
-
-PII_PATTERNS = {
-    "email": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}",
-    "phone": r"\+?\d{1,3}[ .-]?\(?\d{3}\)?[ .-]?\d{3}[ .-]?\d{4}",
-    "api_key": r"\b(?:sk-[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|ghp_[A-Za-z0-9]{36})\b",
-}
+from loraflow.validate import PII_PATTERNS
 
 TOPICS = ["photosynthesis", "recursion", "the water cycle", "compound interest", "plate tectonics"]
 

@@ -3,12 +3,8 @@
 import base64
 import hashlib
 import json
-import re
-import threading
 import traceback
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -20,6 +16,7 @@ from dagster import (
     asset,
     materialize,
 )
+from fake_hub import FakeHub
 from safetensors.numpy import save_file
 
 from loraflow.hub import HubUploadError, upload_model
@@ -28,89 +25,12 @@ from resources import HubPublisher
 TOKEN = "hf_test_0123456789abcdefghijklmnop"
 
 
-class FakeHub:
-    """The four Hub endpoints that creating a repo and committing small files call.
-
-    Every file is answered "regular" at preupload, so its bytes arrive inline (base64) in the
-    commit's NDJSON body; nothing goes through LFS. `refuse_with` answers every request with
-    that status instead, as the Hub does for a bad token.
-    """
-
-    def __init__(self) -> None:
-        self.requests: list[dict] = []
-        self.refuse_with: int | None = None
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    @property
-    def created(self) -> list[dict]:
-        return [json.loads(r["body"]) for r in self.requests if r["path"] == "/api/repos/create"]
-
-    @property
-    def commits(self) -> list[list[dict]]:
-        return [
-            [json.loads(line) for line in r["body"].splitlines()]
-            for r in self.requests
-            if "/commit/" in r["path"]
-        ]
-
-    def answer(self, method: str, path: str, body: bytes) -> tuple[int, dict]:
-        if self.refuse_with:
-            return self.refuse_with, {"error": "Invalid credentials in Authorization header"}
-        if path == "/api/repos/create":
-            repo = json.loads(body)
-            return 200, {"url": f"{self.url}/{repo['organization']}/{repo['name']}"}
-        if path == "/api/validate-yaml":
-            return 200, {"errors": [], "warnings": []}
-        if match := re.fullmatch(r"/api/models/[^/]+/[^/]+/preupload/[^/]+", path):
-            files = json.loads(body)["files"]
-            return 200, {
-                "files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
-            }
-        if match := re.fullmatch(r"/api/models/(?P<repo>[^/]+/[^/]+)/commit/[^/]+", path):
-            oid = hashlib.sha1(body).hexdigest()
-            return 200, {"commitUrl": f"{self.url}/{match['repo']}/commit/{oid}", "commitOid": oid}
-        return 404, {"error": f"{method} {path} is not part of the fake hub"}
-
-    def _handler(self):
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                path = urlsplit(self.path).path
-                hub.requests.append(
-                    {"path": path, "authorization": self.headers["Authorization"], "body": body}
-                )
-                status, payload = hub.answer(self.command, path, body)
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST
-
-            def log_message(self, format, *args) -> None:  # keep pytest's output to the test's own
-                pass
-
-        return Handler
-
-    def __enter__(self) -> "FakeHub":
-        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
 @pytest.fixture
 def hub(monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)  # see fake_hub.py
     with FakeHub() as fake:
         yield fake
 
@@ -141,12 +61,29 @@ def test_upload_creates_a_private_repo_and_commits_every_file_once(hub, model_fo
     [commit] = hub.commits
     header, *files = commit
     assert header == {"key": "header", "value": {"summary": "demo 0123456789abcdef", "description": ""}}
-    assert {f["value"]["path"]: base64.b64decode(f["value"]["content"]) for f in files} == files_of(
-        model_folder
-    )
-    assert {r["authorization"] for r in hub.requests} == {f"Bearer {TOKEN}"}
+    # the weights go through LFS: their bytes are PUT once, the commit holds a pointer to them
+    weights = (model_folder / "model.safetensors").read_bytes()
+    oid = hashlib.sha256(weights).hexdigest()
+    assert hub.lfs_uploads == [oid] and hub.objects[oid] == weights
+    pointers = [f["value"] for f in files if f["key"] == "lfsFile"]
+    assert pointers == [{"path": "model.safetensors", "algo": "sha256", "oid": oid, "size": len(weights)}]
+    inline = {
+        f["value"]["path"]: base64.b64decode(f["value"]["content"]) for f in files if f["key"] == "file"
+    }
+    assert inline == {k: v for k, v in files_of(model_folder).items() if k != "model.safetensors"}
+    assert hub.repos["alice/triage"] == files_of(model_folder)
+    assert {r["authorization"] for r in hub.requests if r["method"] == "POST"} == {f"Bearer {TOKEN}"}
     assert result.repo_url == f"{hub.url}/alice/triage"
     assert result.commit_url == f"{hub.url}/alice/triage/commit/{result.commit_oid}"
+
+
+def test_weights_the_hub_already_holds_are_committed_without_uploading_them_again(hub, model_folder):
+    upload_model(model_folder, "alice/triage", TOKEN, endpoint=hub.url, commit_message="v1")
+    (model_folder / "README.md").write_text("# demo\n\nA better card.\n")
+    upload_model(model_folder, "alice/triage", TOKEN, endpoint=hub.url, commit_message="v2")
+
+    assert len(hub.commits) == 2 and len(hub.lfs_uploads) == 1
+    assert hub.repos["alice/triage"] == files_of(model_folder)
 
 
 @pytest.mark.parametrize("status", [401, 403])
@@ -191,7 +128,7 @@ def test_resource_reads_the_token_from_the_environment_and_never_shows_it(hub, m
     )
 
     assert result.output_for_node("uploaded") == hashlib.sha1(hub.requests[-1]["body"]).hexdigest()
-    assert {r["authorization"] for r in hub.requests} == {f"Bearer {TOKEN}"}
+    assert {r["authorization"] for r in hub.requests if r["method"] == "POST"} == {f"Bearer {TOKEN}"}
     logged = [str(entry) for entry in instance.all_logs(result.run_id)]
     assert any("uploading with HubPublisher(" in line for line in logged)
     assert not [line for line in logged if TOKEN in line]

@@ -69,7 +69,13 @@ def test_position_ids_alone_would_let_examples_see_each_other(tiny_llama):
     assert (leaky[0, 6:] - alone[0]).abs().max() > 1e-3
 
 
-def test_examples_are_never_split_and_boundaries_are_not_trained():
+def completion(length: int, seed: int) -> dict:
+    """An example trained on every token (completion data, or train_on_inputs): labels = input ids."""
+    ids = example(length, seed)["input_ids"]
+    return {"input_ids": ids, "labels": list(ids)}
+
+
+def test_examples_are_never_split():
     examples = [example(n, n) for n in (10, 10, 10, 4)]
     rows = pack_examples(examples, max_seq_len=16)
     assert sorted(sorted(r.segment_ids.count(s) for s in set(r.segment_ids)) for r in rows) == [
@@ -77,26 +83,43 @@ def test_examples_are_never_split_and_boundaries_are_not_trained():
         [10],
         [10],
     ]
-    for row in rows:
-        starts = [i for i, p in enumerate(row.position_ids) if p == 0]
-        assert all(row.labels[i] == IGNORE_INDEX for i in starts)
     assert packing_efficiency(rows, 16) == pytest.approx(34 / 48)
     with pytest.raises(ValueError, match="more than max_seq_len 8"):
         pack_examples([example(9, 0)], max_seq_len=8)
 
 
-def test_packed_loss_equals_the_token_weighted_loss_of_the_examples(tiny_llama):
-    examples = [example(n, seed) for seed, n in enumerate((8, 6, 10))]
-    batch = collate_packed(pack_examples(examples, max_seq_len=24), pad_id=0)
+def test_the_first_token_of_every_packed_example_is_not_trained():
+    # every label is trained: only packing can mask a segment's first one
+    examples = [completion(n, n) for n in (5, 9, 3, 7, 6)]
+    rows = pack_examples(examples, max_seq_len=16)
+    assert any(len(set(row.segment_ids)) > 1 for row in rows)
+    for row in rows:
+        starts = [i for i, p in enumerate(row.position_ids) if p == 0]
+        assert [row.labels[i] for i in starts] == [IGNORE_INDEX] * len(starts)
+        assert all(row.labels[i] == row.input_ids[i] for i in range(len(row.labels)) if i not in starts)
+
+
+def test_packed_loss_sums_equal_each_example_run_alone_when_every_token_is_trained(tiny_llama):
+    from loraflow.formatting import collate
+    from loraflow.train import targets_of, token_loss_sum
+
+    examples = [completion(n, seed) for seed, n in enumerate((8, 6, 10, 4, 7))]
+    rows = pack_examples(examples, max_seq_len=20)
+    assert len(rows) < len(examples)
     with torch.no_grad():
-        packed_loss = tiny_llama(**batch).loss
-        total, tokens = 0.0, 0
-        for ex in examples:
-            labels = torch.tensor([ex["labels"]])
-            n = int((labels[:, 1:] != IGNORE_INDEX).sum())
-            total += float(tiny_llama(input_ids=torch.tensor([ex["input_ids"]]), labels=labels).loss) * n
-            tokens += n
-    assert float(packed_loss) == pytest.approx(total / tokens, abs=1e-5)
+        # the model's own loss: mean over trained targets, the packed batch against each example alone
+        packed = collate_packed(rows, pad_id=0)
+        packed_mean = float(tiny_llama(**packed).loss)
+        sums = [
+            float(tiny_llama(**collate([e], pad_id=0)).loss) * (len(e["input_ids"]) - 1) for e in examples
+        ]
+        assert packed_mean == pytest.approx(
+            sum(sums) / sum(len(e["input_ids"]) - 1 for e in examples), abs=1e-5
+        )
+        # the training path's loss: a sum over trained targets, packed rows against each example alone
+        assert targets_of(rows, packed=True) == targets_of(examples, packed=False)
+        alone = sum(float(token_loss_sum(tiny_llama, collate([e], pad_id=0))) for e in examples)
+        assert float(token_loss_sum(tiny_llama, packed)) == pytest.approx(alone, rel=1e-5)
 
 
 def test_planned_efficiency_matches_the_rows_it_would_build():

@@ -452,3 +452,47 @@ def test_estimates_are_within_15_percent_of_peaks_measured_on_this_cpu(
     ]
     for estimated, measured in results:
         assert estimated == pytest.approx(measured, rel=0.15), "\n".join(report)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak RSS from /proc")
+def test_under_glibcs_default_heap_the_demos_training_peaks_above_the_estimate_by_the_stated_gap(
+    tokenizer, builtin_model, project, tmp_path, monkeypatch
+):
+    """README ("Estimated against measured") states this gap. With batches of varying length (the
+    demo pads each batch to its own longest example) glibc's heap grows past the live peak by more
+    than the planner's fragmentation term: measured 20-60% above the estimate (the live bytes alone,
+    with MALLOC_MMAP_THRESHOLD_ set, are within 15%: the test above). When the planner learns this
+    heap, the test fails, and README's figure changes with it."""
+    import duckdb
+
+    from loraflow.dataset import build_dataset, select_examples
+    from loraflow.demo_data import write_demo_data
+    from loraflow.ingest import ingest_file
+    from loraflow.templates import resolve_template
+    from loraflow.validate import validate_partition
+
+    demo = load_spec(Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml")
+    con = duckdb.connect()
+    for path in write_demo_data(project / "data", n=400):
+        ingest_file(con, "demo", path.name, path, demo.data.sources[0])
+        validate_partition(con, "demo", path.name, demo.data.sources[0], demo.quality)
+    rows, _ = select_examples(con, "demo")
+    template, _ = resolve_template(demo.format.chat_template, tokenizer)
+    data = build_dataset(rows, tokenizer, demo.format, template, "t", tmp_path / "datasets")
+    # the demo's own training section, 4 steps
+    training = demo.training.model_dump(mode="json", exclude_none=True) | {
+        "max_steps": 4,
+        "checkpoint_every": None,
+    }
+    yaml_path = project / "pipelines" / "demo_training.yaml"
+    yaml_path.write_text(json.dumps({"data": {"sources": [{"path": "data/*.jsonl"}]}, "training": training}))
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)  # the estimate sees the default heap too
+    estimate = estimate_for_spec(load_spec(yaml_path), builtin_model.path, data.path, device="cpu").peak
+    peaks = measure_peaks(
+        yaml_path, builtin_model.path, data.path, tmp_path / "a", {"MALLOC_MMAP_THRESHOLD_": None}
+    )
+    report = (
+        f"estimated {estimate / MIB:.0f} MiB, measured {[round(p / MIB) for p in peaks]} MiB after each step"
+    )
+    assert 1.2 <= max(peaks) / estimate <= 1.6, report

@@ -101,10 +101,15 @@ def test_an_adapter_trained_on_corrupted_answers_fails_the_gate_and_publishes_no
         gate = instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key]
         verdict = gate.event.dagster_event.event_specific_data  # type: ignore[union-attr]
         assert verdict.passed is False
-        assert (
-            "eval_loss: the tuned model improves by" in verdict.description
-            and "Not publishing" in verdict.description
+        # by how much, from the figures the evaluation measured: the tuned model got worse
+        scores = bad["evaluation"]
+        improvement = scores["base"]["eval_loss"] - scores["tuned"]["eval_loss"]
+        assert improvement < 0
+        assert verdict.description == (
+            f"eval_loss: the tuned model improves by {improvement:+.4f} over the base, the gate needs +0.1000 "
+            f"(short by {0.1 - improvement:.4f}). Not publishing."
         )
+        assert verdict.metadata["improvement"].value == pytest.approx(improvement)
         assert (home / "models" / "triage" / LATEST).read_text().strip() == published["version"]
         assert sorted(p.name for p in (home / "models" / "triage").iterdir()) == sorted(
             [LATEST, published["version"]]
@@ -157,3 +162,26 @@ def test_a_merge_outside_the_tolerance_publishes_nothing(tiny_model_dir, adapter
     with pytest.raises(MergeError, match=r"differ from base plus adapter by .* \(allowed 1e-30\)"):
         merge_adapter(tiny_model_dir, adapters[0], models, version, "float32", "# card\n", tolerance=1e-30)
     assert not (models / LATEST).exists() and not (models / version).exists()
+
+
+def test_an_adapter_that_changes_nothing_is_not_published(tiny_model_dir, adapters, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    models = tmp_path / "models"
+    first = publish_version(adapters[0], "base", "float32")
+    merge_adapter(tiny_model_dir, adapters[0], models, first, "float32", "# card\n")
+    # a fresh LoRA adapter: its B matrices start at zero, so base plus adapter is the base
+    untrained = tmp_path / "untrained"
+    get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    ).save_pretrained(untrained)
+    from loraflow.base_model import load_tokenizer
+
+    load_tokenizer(tiny_model_dir).save_pretrained(untrained)
+    version = publish_version(untrained, "base", "float32")
+    with pytest.raises(MergeError, match="equal the base's on every probe: the adapter changed nothing"):
+        merge_adapter(tiny_model_dir, untrained, models, version, "float32", "# card\n")
+    assert (models / LATEST).read_text().strip() == first
+    assert sorted(p.name for p in models.iterdir()) == sorted([LATEST, first])

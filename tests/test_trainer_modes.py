@@ -93,6 +93,11 @@ def failure_messages(result) -> list[str]:
     return messages
 
 
+def logging_instance():
+    """A test instance that, like the repository's dagster.yaml, puts the "loraflow" logger in run logs."""
+    return instance_for_test(overrides={"python_logs": {"managed_python_loggers": ["loraflow"]}})
+
+
 def run_log(instance, result) -> list[str]:
     return [entry.user_message for entry in instance.all_logs(result.run_id)]
 
@@ -266,7 +271,7 @@ def test_a_training_that_cannot_fit_fails_before_the_model_loads_with_the_settin
     tight = spec.model_copy(update={"plan": PlanSpec(memory_limit_gib=limit)})
     adapters = home / "adapters" / spec.name
     before = set(adapters.glob("*")) if adapters.exists() else set()
-    with instance_for_test() as instance:
+    with logging_instance() as instance:
         result = train(tight, home, Trainer(mode="in_process"), instance)
         log = run_log(instance, result)
     assert not result.success
@@ -293,3 +298,32 @@ def test_a_worker_refuses_a_request_that_cannot_fit_before_loading_weights(upstr
     assert not (tmp_path / "adapter").exists()
     unchecked = request.model_copy(update={"plan": PlanSpec(memory_limit_gib=0.001, preflight=False)})
     assert check_request_fits(unchecked).peak > 0.001 * GIB  # estimated, not checked
+
+
+def test_a_model_the_planner_cannot_read_trains_without_a_plan_and_says_so(tokenizer, project):
+    """GPT-2's config names its sizes n_embd and n_layer, not the Llama keys the planner reads."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model_dir = project / "tiny-gpt2"
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=512)
+    GPT2LMHeadModel(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    write_demo_data(project / "data", n=40, files=1)
+    text = PIPELINE.format(model=model_dir).replace(
+        "target_modules: [q_proj, v_proj]", "target_modules: [c_attn]"
+    )
+    spec = load_spec(write_yaml(project / "pipelines", "triage", text))
+    home = project / ".loraflow"
+    materialize_upstream_of_adapter(spec, home)
+    with logging_instance() as instance:
+        result = train(spec, home, Trainer(mode="in_process"), instance)
+        log = run_log(instance, result)
+    assert result.success
+    (warning,) = [line for line in log if "no memory plan for this training" in line]
+    assert "config.json lacks hidden_size" in warning
+    (event,) = result.get_asset_materialization_events()
+    metadata = event.materialization.metadata
+    assert metadata["steps"].value == 4
+    assert not [key for key in metadata if key.startswith("plan_")]

@@ -14,7 +14,7 @@ from loraflow.templates import NAMED_TEMPLATES
 from loraflow.train import train_adapter
 
 
-def dataset(tokenizer, folder, template: str, n: int = 24):
+def dataset(tokenizer, folder, template: str, n: int = 24, **format_settings):
     rows = [
         {
             "partition": "f.jsonl",
@@ -32,7 +32,8 @@ def dataset(tokenizer, folder, template: str, n: int = 24):
         }
         for i in range(n)
     ]
-    return build_dataset(rows, tokenizer, FormatSpec(eval_size=0.2, max_seq_len=128), template, "tok", folder)
+    fmt = FormatSpec(**{"eval_size": 0.2, "max_seq_len": 128, **format_settings})
+    return build_dataset(rows, tokenizer, fmt, template, "tok", folder)
 
 
 TINY_LORA = TrainingSpec(
@@ -180,9 +181,7 @@ def test_a_target_module_the_model_lacks_names_the_ones_it_has(tokenizer, tiny_m
     assert not (tmp_path / "adapter").exists()
 
 
-def test_a_loss_that_turns_nan_stops_with_what_to_change_and_keeps_the_checkpoint(
-    tokenizer, tiny_model_dir, tmp_path
-):
+def test_a_loss_that_turns_nan_at_the_first_step_says_what_to_change(tokenizer, tiny_model_dir, tmp_path):
     import shutil
 
     import torch
@@ -202,3 +201,105 @@ def test_a_loss_that_turns_nan_stops_with_what_to_change_and_keeps_the_checkpoin
     ):
         train_adapter(lora_spec(), broken, data.path, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+class NanAfter:
+    """A fault: once armed, every decoder layer's output is NaN (as after an fp16 overflow).
+
+    A global forward hook, so it reaches whatever model the training engine builds."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.armed = False
+
+    def progress(self, figures: dict) -> None:
+        if figures["step"] == self.step:
+            self.armed = True
+
+    def __enter__(self):
+        import torch
+
+        def poison(module, args, output):
+            if not self.armed or not type(module).__name__.endswith("DecoderLayer"):
+                return None
+            if isinstance(output, tuple):
+                return (output[0] * float("nan"), *output[1:])
+            return output * float("nan")
+
+        self._handle = torch.nn.modules.module.register_module_forward_hook(poison)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+
+def test_a_loss_that_turns_nan_after_a_checkpoint_keeps_it_and_a_rerun_resumes_from_it(
+    tokenizer, tiny_model_dir, tmp_path
+):
+    from loraflow.train import TrainingError
+
+    data = dataset(tokenizer, tmp_path / "datasets", tokenizer.chat_template)
+    spec = lora_spec(checkpoint_every=2, max_steps=6)
+    with NanAfter(step=3) as fault, pytest.raises(TrainingError) as raised:
+        train_adapter(spec, tiny_model_dir, data.path, tmp_path / "adapter", progress=fault.progress)
+    message = str(raised.value)
+    assert "the loss became nan at step 4" in message
+    assert (
+        "The checkpoint at step 2 is kept; re-materializing with the same settings resumes from it" in message
+    )
+    assert not (tmp_path / "adapter").exists()
+    assert [p.name for p in (tmp_path / "adapter.checkpoints").iterdir()] == ["step-0000002"]
+
+    resumed = train_adapter(spec, tiny_model_dir, data.path, tmp_path / "adapter")
+    straight = train_adapter(spec, tiny_model_dir, data.path, tmp_path / "straight")
+    assert resumed.resumed_from_step == 2
+    assert resumed.loss_curve == straight.loss_curve
+
+
+def test_a_checkpoint_written_under_other_settings_is_never_resumed(
+    tokenizer, tiny_model_dir, tmp_path, caplog
+):
+    import logging
+
+    data = dataset(tokenizer, tmp_path / "datasets", tokenizer.chat_template)
+    first = lora_spec(checkpoint_every=2, max_steps=6)
+
+    def stop_at_step_3(figures: dict) -> None:
+        if figures["step"] == 3:
+            raise KeyboardInterrupt("stopped")
+
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(first, tiny_model_dir, data.path, tmp_path / "adapter", progress=stop_at_step_3)
+    assert (tmp_path / "adapter.checkpoints" / "step-0000002").is_dir()
+
+    other = lora_spec(checkpoint_every=2, max_steps=6, learning_rate=1e-3)
+    with caplog.at_level(logging.INFO, logger="loraflow"):
+        fresh = train_adapter(other, tiny_model_dir, data.path, tmp_path / "adapter")
+    assert fresh.resumed_from_step == 0
+    assert "belongs to other settings; not resuming from it" in caplog.text
+    reference = train_adapter(other, tiny_model_dir, data.path, tmp_path / "reference")
+    assert fresh.loss_curve == reference.loss_curve
+
+
+@pytest.mark.parametrize("format_settings", [{}, {"train_on_inputs": True}], ids=["answers", "every_token"])
+def test_a_packed_step_trains_on_the_same_loss_as_the_padded_step_over_the_same_examples(
+    tokenizer, tiny_model_dir, tmp_path, format_settings
+):
+    """One optimizer step over the whole train split, packed and padded: the losses are equal only
+    if packed examples neither attend to each other nor train on each other's last token."""
+    from loraflow.dataset import load_split
+    from loraflow.packing import pack_examples
+
+    data = dataset(tokenizer, tmp_path / "datasets", tokenizer.chat_template, **format_settings)
+    train = load_split(data.path, "train")
+    rows = pack_examples(train, 128)
+    assert len(rows) < len(train) / 2  # several examples share every row
+    step = dict(max_steps=1, checkpoint_every=None)
+    padded = train_adapter(
+        lora_spec(batch_size=len(train), **step), tiny_model_dir, data.path, tmp_path / "a"
+    )
+    packed = train_adapter(
+        lora_spec(batch_size=len(rows), **step), tiny_model_dir, data.path, tmp_path / "b", pack_to=128
+    )
+    assert packed.examples_seen == padded.examples_seen == len(train)
+    assert packed.loss_curve[0][1] == pytest.approx(padded.loss_curve[0][1], abs=1e-5)
