@@ -9,7 +9,7 @@ export GX_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test ui lint clean
+.PHONY: install demo test ui mlflow lint clean
 
 install: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 
@@ -42,6 +42,15 @@ UI_PORT ?= 3000
 ui: install
 	cd $(DAGSTER_HOME) && exec $(CURDIR)/$(VENV)/bin/dagster dev -m pipelines.definitions -d $(CURDIR) \
 		--host 127.0.0.1 --port $(UI_PORT)
+
+# The MLflow UI on http://127.0.0.1:$(MLFLOW_PORT) over the trainings' local store: one run per
+# training, with its settings, per-step loss, eval loss, learning rate and tokens/s, and the loss curve.
+MLFLOW_PORT ?= 5000
+MLFLOW_STORE := $(or $(LORAFLOW_HOME),$(CURDIR)/.loraflow)/mlflow
+mlflow: install
+	mkdir -p $(MLFLOW_STORE)
+	exec $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(MLFLOW_STORE)/mlflow.db \
+		--default-artifact-root $(MLFLOW_STORE)/artifacts --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 lint: install
 	$(VENV)/bin/ruff check .

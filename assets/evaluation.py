@@ -14,6 +14,7 @@ from dagster import (
     asset,
 )
 
+from assets.training import GPU_POOL
 from loraflow.artifacts import write_json_atomic, write_text_atomic
 from loraflow.evaluate import evaluate_adapter
 from loraflow.gate import describe_gate, gate_verdict
@@ -31,6 +32,8 @@ def build_evaluation(spec: PipelineSpec):
     @asset(
         key=key,
         group_name=spec.name,
+        # scores (or merges) a full-precision model on the training device: one at a time with training
+        pool=GPU_POOL,
         kinds={"pytorch"},
         ins={
             "adapter": AssetIn(AssetKey([spec.name, "adapter"])),

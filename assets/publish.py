@@ -16,10 +16,11 @@ from dagster import (
     asset,
 )
 
+from assets.training import GPU_POOL
 from loraflow.base_model import BUILTIN_HUB_IDS, BUILTIN_LICENSES, load_tokenizer
 from loraflow.dataset import load_split
 from loraflow.formatting import render
-from loraflow.merge import MergeError, merge_adapter, publish_version
+from loraflow.merge import MergeError, merge_adapter, publish_dtype, publish_version
 from loraflow.model_card import render_model_card
 from loraflow.spec import PipelineSpec
 from loraflow.validate import source_lineage
@@ -50,6 +51,8 @@ def build_published_model(spec: PipelineSpec):
     @asset(
         key=key,
         group_name=spec.name,
+        # scores (or merges) a full-precision model on the training device: one at a time with training
+        pool=GPU_POOL,
         kinds={"safetensors"},
         ins={
             "adapter": AssetIn(AssetKey([spec.name, "adapter"])),
@@ -58,14 +61,15 @@ def build_published_model(spec: PipelineSpec):
             "base_model": AssetIn(AssetKey([spec.name, "base_model"])),
         },
         code_version=spec.section_version("publish"),
-        description=f"The adapter merged into the base in {spec.publish.dtype}, saved as safetensors with the "
+        description=f"The adapter merged into the base in {spec.publish.dtype} (auto: the base checkpoint's dtype), saved as safetensors with the "
         f"tokenizer, chat template, the adapter on its own and a model card, under `models/{spec.name}/<version>`.",
         check_specs=[
             AssetCheckSpec(
                 "merge_fidelity",
                 asset=key,
-                description="The merged weights give base-plus-adapter logits on held-out prompts (within "
-                "publish.merge_tolerance), differ from the base's, and reload from disk unchanged.",
+                description="The merged weights give base-plus-adapter logits (computed in float32) on held-out "
+                "prompts: within 1e-3 in float32, within half the adapter's own effect in 16 bits, or within "
+                "publish.merge_tolerance; they differ from the base's, and reload from disk unchanged.",
             )
         ],
     )
@@ -96,7 +100,8 @@ def build_published_model(spec: PipelineSpec):
             code_version=code_version_of(spec.root),
             eval_table=evaluation["table"],
         )
-        version = publish_version(Path(adapter["path"]), base_model["content_hash"], spec.publish.dtype)
+        dtype = publish_dtype(spec.publish.dtype, Path(base_model["path"]))
+        version = publish_version(Path(adapter["path"]), base_model["content_hash"], dtype)
         tokenizer = load_tokenizer(Path(adapter["path"]), base_model["trust_remote_code"])
         probes = probe_prompts(Path(training_dataset["path"]), tokenizer)
         try:
@@ -105,7 +110,7 @@ def build_published_model(spec: PipelineSpec):
                 Path(adapter["path"]),
                 store.folder("models", spec.name),
                 version,
-                spec.publish.dtype,
+                dtype,
                 card,
                 base_model["trust_remote_code"],
                 probes=probes or None,
@@ -128,7 +133,7 @@ def build_published_model(spec: PipelineSpec):
             metadata={
                 "path": MetadataValue.path(result.path),
                 "version": version,
-                "dtype": spec.publish.dtype,
+                "dtype": dtype,
                 "merge_max_abs_diff": result.merge_max_abs_diff,
                 "reload_max_abs_diff": result.reload_max_abs_diff,
                 "model_card": MetadataValue.md(card),
@@ -139,6 +144,8 @@ def build_published_model(spec: PipelineSpec):
             passed=True,  # merge_adapter refuses to publish otherwise
             metadata={
                 "merge_max_abs_diff": result.merge_max_abs_diff,
+                "merge_mean_abs_diff": result.merge_mean_abs_diff,
+                "adapter_effect": result.adapter_effect,
                 "tolerance": result.merge_tolerance,
                 "reload_max_abs_diff": result.reload_max_abs_diff,
                 "probe_prompts": len(probes) or 1,

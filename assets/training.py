@@ -9,7 +9,9 @@ from assets.training_inputs import FINGERPRINT_KEY, INPUTS_KEY, fingerprint, tra
 from loraflow.artifacts import folder_sha256
 from loraflow.plan.memory import GIB
 from loraflow.request import check_request_fits, plan_request
+from loraflow.runtime import resolve_dtypes
 from loraflow.spec import PipelineSpec
+from loraflow.tracking import Tracking
 from loraflow.train import LOSS_CURVE
 from resources import ArtifactStore, Trainer, TrainRequest
 
@@ -24,6 +26,25 @@ def loss_table(loss: list, evals: list, rows: int = 40) -> str:
     lines = ["| step | train loss | eval loss |", "|---|---|---|"]
     lines += [f"| {step} | {value:.4f} | {by_step.get(step, '')} |" for step, value in shown]
     return "\n".join(lines)
+
+
+def _compute(spec: PipelineSpec) -> str | None:
+    quantization = spec.training.quantization
+    return quantization.compute_dtype if spec.training.method == "qlora" and quantization else None
+
+
+def tracking_metadata(run: dict) -> dict:
+    """The tracked run as metadata: its backend, id and a link (MLflow: the run in `make mlflow`)."""
+    if not run or run.get("backend") in (None, "none"):
+        return {}
+    metadata = {"tracking": run["backend"]}
+    if run.get("run_id"):
+        metadata["tracking_run_id"] = run["run_id"]
+    if run.get("url"):
+        metadata["tracking_run"] = MetadataValue.url(run["url"])
+    if run.get("location"):
+        metadata["tracking_store"] = run["location"]
+    return metadata
 
 
 def plan_metadata(estimate) -> dict:
@@ -53,17 +74,32 @@ def build_adapter(spec: PipelineSpec):
         trainer: Trainer,
     ) -> Output[dict]:
         pack_to = spec.format.max_seq_len if spec.format.packing else None
+        # `auto` dtypes resolve per device: the same YAML trained on a CPU and on a GPU is two adapters
+        dtypes = resolve_dtypes(spec.training, trainer.device_kind)
         run_key = json.dumps(
             [
                 training_dataset["version"],
                 base_model["content_hash"],
                 spec.training.model_dump(mode="json"),
                 pack_to,
+                *([list(dtypes)] if "auto" in (spec.training.dtype, _compute(spec)) else []),
             ],
             sort_keys=True,
         )
         version = hashlib.sha256(run_key.encode()).hexdigest()[:16]
         adapter_dir = store.path("adapters", spec.name, version)
+        tracking = Tracking(
+            backend=spec.tracking,
+            folder=str(store.path(spec.tracking)) if spec.tracking in ("mlflow", "tensorboard") else None,
+            experiment=spec.name,
+            run_name=version,
+            tags={
+                "pipeline": spec.name,
+                "dataset_version": training_dataset["version"],
+                "base_model": base_model["source"],
+                "base_model_hash": base_model["content_hash"],
+            },
+        )
         request = TrainRequest(
             training=spec.training,
             base_model_dir=base_model["path"],
@@ -78,6 +114,8 @@ def build_adapter(spec: PipelineSpec):
             },
             kubernetes=spec.kubernetes,
             plan=spec.plan,
+            tracking=tracking,
+            root=str(spec.root),
         )
         # Preflight: config.json and the dataset summary only, before any weight is loaded. A pod
         # checks its own GPU when it starts; here its estimate is only shown.
@@ -126,6 +164,13 @@ def build_adapter(spec: PipelineSpec):
                 "tokens_seen": result.tokens_seen,
                 "wall_seconds": result.wall_seconds,
                 "peak_memory_mb": result.peak_memory_mb,
+                **(
+                    {"peak_reserved_mb": result.peak_reserved_mb}
+                    if result.peak_reserved_mb is not None
+                    else {}
+                ),
+                "runtime": result.runtime,
+                **tracking_metadata(result.tracking),
                 "trainable_params": result.trainable_params,
                 "trainable_percent": round(result.trainable_percent, 4),
                 "resumed_from_step": result.resumed_from_step,

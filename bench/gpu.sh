@@ -11,14 +11,17 @@
 #    Expected: about 6 minutes. DEADLINE_S below stops starting new steps in time to write the table
 #    before timeout_s; a step past RUN_LIMIT_S is stopped and its row says so.
 #
-# On a CPU, to try the whole path with a tiny model:
-#     SIZES=tiny SEQ_LEN=64 BATCH_SIZE=2 PYTHON=.venv/bin/python bash bench/gpu.sh
+# On a CPU, to try the whole path with a tiny model (the CUDA-only checks are refused, and say so):
+#     SIZES=tiny SEQ_LEN=64 PACK_TO=256 LIGER=off PYTHON=.venv/bin/python bash bench/gpu.sh
 set -uo pipefail
 
-SIZES=${SIZES:-"1b 7b"}          # see MODEL_SHAPES in bench/gpu_train.py
+SIZES=${SIZES:-"1b 8b"}          # see MODEL_SHAPES in bench/gpu_train.py
 METHODS=${METHODS:-"lora qlora"}
-SEQ_LEN=${SEQ_LEN:-1024}         # tokens per example, all examples exactly this long
-BATCH_SIZE=${BATCH_SIZE:-8}      # examples per step (no gradient accumulation)
+SEQ_LEN=${SEQ_LEN:-512}          # tokens per example, all examples exactly this long
+PACK_TO=${PACK_TO:-2048}         # packed rows of this many tokens (0: one example per row)
+BATCH_SIZE=${BATCH_SIZE:-2}      # rows per step (no gradient accumulation)
+LIGER=${LIGER:-"off on"}         # Liger's kernels off and on (on needs liger-kernel there)
+CHECKS=${CHECKS:-yes}            # the crash paths and correctness checks first (bench/gpu_checks.py)
 UNTIMED_STEPS=${UNTIMED_STEPS:-3}
 TIMED_STEPS=${TIMED_STEPS:-15}
 DEADLINE_S=${DEADLINE_S:-450}    # no step starts later than this; keep it about 90 s under timeout_s
@@ -35,7 +38,10 @@ if [ -z "$WORK" ]; then # /tmp, unless this checkout's disk has more room (/tmp 
 fi
 OUT=${OUT:-$WORK/out}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-EXAMPLES=$(((UNTIMED_STEPS + TIMED_STEPS) * BATCH_SIZE))
+PER_ROW=$((PACK_TO > 0 ? PACK_TO / SEQ_LEN : 1))
+EXAMPLES=$(((UNTIMED_STEPS + TIMED_STEPS) * BATCH_SIZE * PER_ROW))
+PACKING=()
+[ "$PACK_TO" -gt 0 ] && PACKING=(--pack-to "$PACK_TO")
 SITE=$WORK/site
 
 bench() {
@@ -121,7 +127,7 @@ import loraflow.train  # noqa: F401 - what every run needs
 
 print(f"Python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}),",
       f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
-for name in ("transformers", "peft", "bitsandbytes", "accelerate", "pydantic", "duckdb"):
+for name in ("transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "liger-kernel", "flash-attn", "pydantic", "duckdb"):
     try:
         print(f"  {name} {importlib.metadata.version(name)}")
     except importlib.metadata.PackageNotFoundError:
@@ -135,6 +141,11 @@ else:
 EOF
 
     rm -rf "$WORK/runs"
+    if [ "$CHECKS" = yes ]; then
+        echo "=== crash paths and correctness on a tiny model (at ${SECONDS}s)"
+        timeout --kill-after=15 "$RUN_LIMIT_S" "$PYTHON" bench/gpu_checks.py --work "$WORK/checks" --out "$OUT" ||
+            echo "=== some checks failed: see $OUT/gpu_checks.json"
+    fi
     for size in $SIZES; do
         prepared=yes
         if [ $((DEADLINE_S - SECONDS)) -lt "$MIN_STEP_S" ]; then
@@ -143,15 +154,22 @@ EOF
             prepared="building the model or dataset failed (see gpu.log)"
         fi
         for method in $METHODS; do
-            if [ "$prepared" != yes ]; then
-                bench skip --size "$size" --method "$method" --reason "$prepared"
-            elif [ $((DEADLINE_S - SECONDS)) -lt "$MIN_STEP_S" ]; then
-                bench skip --size "$size" --method "$method" --reason "no time left (DEADLINE_S=$DEADLINE_S)"
-            else
-                step train --size "$size" --method "$method" --batch-size "$BATCH_SIZE" \
-                    --untimed-steps "$UNTIMED_STEPS" --timed-steps "$TIMED_STEPS"
-            fi
-            bench report --out "$OUT" >/dev/null # $OUT holds the results so far, should the call be cut off
+            for liger in $LIGER; do
+                options=("${PACKING[@]}" --liger "$liger")
+                if [ "$prepared" != yes ]; then
+                    bench skip --size "$size" --method "$method" "${options[@]}" --reason "$prepared"
+                elif [ $((DEADLINE_S - SECONDS)) -lt "$MIN_STEP_S" ]; then
+                    bench skip --size "$size" --method "$method" "${options[@]}" \
+                        --reason "no time left (DEADLINE_S=$DEADLINE_S)"
+                elif [ "$liger" = on ] && ! "$PYTHON" -c "import liger_kernel" 2>/dev/null; then
+                    bench skip --size "$size" --method "$method" "${options[@]}" \
+                        --reason "liger-kernel is not installed there"
+                else
+                    step train --size "$size" --method "$method" --batch-size "$BATCH_SIZE" \
+                        --untimed-steps "$UNTIMED_STEPS" --timed-steps "$TIMED_STEPS" "${options[@]}"
+                fi
+                bench report --out "$OUT" >/dev/null # $OUT holds the results so far, should the call be cut off
+            done
         done
     done
     echo "=== done in ${SECONDS}s"

@@ -14,7 +14,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-.venv/bin/python}
-PACKAGES="bitsandbytes pydantic pydantic_core annotated_types typing_inspection typing_extensions duckdb"
+# the training engine (trl, datasets and what datasets needs beyond the machine's image), 4-bit
+# layers, Liger's kernels, the spec's models, the warehouse module; transformers at this project's
+# version (the machine's is older)
+PACKAGES="bitsandbytes trl datasets dill multiprocess xxhash liger_kernel transformers pydantic pydantic_core annotated_types typing_inspection typing_extensions duckdb"
 KEEP_LIBRARIES='libbitsandbytes_(cpu|cuda13[0-9])\.so$'
 LIMIT_MIB=64 # what the device tool carries, working tree included
 
@@ -28,7 +31,18 @@ pins=$("$PYTHON" - $PACKAGES <<'EOF'
 import importlib.metadata
 import sys
 
-print(" ".join(f"{name}=={importlib.metadata.version(name)}" for name in sys.argv[1:]))
+# GPU-only packages this machine's .venv does not hold: the `gpu` extra's pin
+NOT_HERE = {"liger_kernel": "0.8.5"}
+
+
+def pin(name: str) -> str:
+    try:
+        return f"{name}=={importlib.metadata.version(name)}"
+    except importlib.metadata.PackageNotFoundError:
+        return f"{name}=={NOT_HERE[name]}"
+
+
+print(" ".join(pin(name) for name in sys.argv[1:]))
 EOF
 )
 echo "downloading: $pins"

@@ -73,6 +73,15 @@ MODEL_SHAPES = {
         vocab_size=32000,
         tie_word_embeddings=False,
     ),
+    "8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
     "tiny": dict(
         hidden_size=64,
         intermediate_size=128,
@@ -84,7 +93,18 @@ MODEL_SHAPES = {
     ),
 }
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
-LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
+LIBRARIES = (
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "bitsandbytes",
+    "accelerate",
+    "liger-kernel",
+    "flash-attn",
+)
+PEAK_BF16_FLOPS = 790e12
+"""What this project's H200 measured for bf16 matrix products; MFU is against it."""
 DEFAULT_WORK = Path(tempfile.gettempdir()) / "loraflow-gpu-bench"
 RESULTS_FILE = "gpu_results.json"
 
@@ -309,7 +329,10 @@ def training_spec(method: str, dtype: str, args):
     """The TrainingSpec a pipeline YAML would give for this run."""
     from loraflow.spec import LoraSpec, QuantizationSpec, TrainingSpec
 
+    liger = {"auto": "auto", "on": True, "off": False}[getattr(args, "liger", "off")]
     settings = dict(
+        liger_kernel=liger,
+        torch_compile=bool(getattr(args, "compile", False)),
         method=method,
         dtype=dtype,
         quantization=QuantizationSpec(compute_dtype=dtype) if method == "qlora" else None,
@@ -321,7 +344,7 @@ def training_spec(method: str, dtype: str, args):
         gradient_accumulation_steps=1,
         seed=0,
         log_every=1,
-        attn_implementation="sdpa",
+        attn_implementation=getattr(args, "attn", "sdpa"),
         checkpoint_every=None,  # a checkpoint is disk time the table should not count
     )
     # newer spec fields are set only where the spec has them
@@ -353,9 +376,10 @@ def train(args) -> int:
     from loraflow.train import train_adapter
 
     work = Path(args.work)
-    record_file = run_record_file(work, args.size, args.method)
+    variant = variant_of(args)
+    record_file = run_record_file(work, args.size, args.method, variant)
     prepared_file = work / f"prepared-{args.size}.json"
-    base = {"size": args.size, "method": args.method, "started": now()}
+    base = {"size": args.size, "method": args.method, "variant": variant, "started": now()}
     if not prepared_file.is_file():
         write_json(
             record_file, {**base, "status": "skipped", "reason": f"not prepared ({prepared_file} missing)"}
@@ -411,7 +435,12 @@ def train(args) -> int:
     started = time.perf_counter()
     try:
         result = train_adapter(
-            training, Path(prepared["model_dir"]), Path(prepared["dataset_dir"]), adapter_dir, **kwargs
+            training,
+            Path(prepared["model_dir"]),
+            Path(prepared["dataset_dir"]),
+            adapter_dir,
+            pack_to=args.pack_to,
+            **kwargs,
         )
     except Exception as err:  # noqa: BLE001 - the table reports a failed run, the log has the trace
         traceback.print_exc()
@@ -435,11 +464,22 @@ def train(args) -> int:
     if cuda and peaks["peak_memory_mib"] < prepared["params"] / 2 / 2**20:
         status = "failed"
         reason = "peak GPU memory is below the size of the 4-bit weights: the model did not train on the GPU"
+    mfu = None
+    if cuda:
+        from loraflow.plan import ModelShape, flops_per_token, setup_from_training
+
+        setup = setup_from_training(
+            training, seq_len=args.pack_to or prepared["seq_len"], padded=False, device="cuda"
+        )
+        per_token = flops_per_token(ModelShape.from_folder(Path(prepared["model_dir"])), setup)
+        mfu = round(100 * rate * per_token.model / PEAK_BF16_FLOPS, 1)
     record = {
         **base,
         "status": status,
         "reason": reason,
         "tokens_per_second": round(rate, 1),
+        "mfu_percent": mfu,
+        "runtime": result.runtime,
         "timed_over": timing,
         "seconds_per_step": round(seconds_per_step, 3),
         **peaks,
@@ -486,8 +526,20 @@ def now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def run_record_file(work: Path, size: str, method: str) -> Path:
-    return work / "runs" / f"{size}-{method}.json"
+def run_record_file(work: Path, size: str, method: str, variant: str = "") -> Path:
+    return work / "runs" / f"{size}-{method}{'-' + variant if variant else ''}.json"
+
+
+def variant_of(args) -> str:
+    """The run's options besides size and method, as a name: liger on, compile, packing."""
+    parts = []
+    if getattr(args, "liger", "off") != "off":
+        parts.append(f"liger-{args.liger}")
+    if getattr(args, "compile", False):
+        parts.append("compile")
+    if getattr(args, "pack_to", None):
+        parts.append(f"packed{args.pack_to}")
+    return "-".join(parts)
 
 
 def write_json(path: Path, record: dict) -> None:
@@ -505,7 +557,8 @@ def skip(args) -> int:
         "status": "skipped",
         "reason": args.reason,
     }
-    write_json(run_record_file(Path(args.work), args.size, args.method), record)
+    record["variant"] = variant_of(args)
+    write_json(run_record_file(Path(args.work), args.size, args.method, record["variant"]), record)
     return 0
 
 
@@ -539,15 +592,17 @@ def report(args) -> int:
         )
     lines += [
         "",
-        "| model | params | method | tokens/s | s/step | peak MiB | reserved MiB | planned MiB | status |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | params | method | options | tokens/s | MFU % | s/step | peak MiB | reserved MiB | planned MiB | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         cells = [
             r["size"],
             _params(r.get("params")),
             r["method"],
+            r.get("variant") or "-",
             _figure(r.get("tokens_per_second"), "{:,.0f}"),
+            _figure(r.get("mfu_percent"), "{:.1f}"),
             _figure(r.get("seconds_per_step"), "{:.3f}"),
             _figure(r.get("peak_memory_mib"), "{:,.0f}"),
             _figure(r.get("peak_reserved_mib"), "{:,.0f}"),
@@ -600,11 +655,18 @@ def main() -> int:
     t.add_argument("--timed-steps", type=int, default=15)
     t.add_argument("--lora-r", type=int, default=16)
     t.add_argument("--target-modules", default="all-linear", help="all-linear or a comma-separated list")
+    t.add_argument("--pack-to", type=int, default=None, help="pack examples into rows of this many tokens")
+    t.add_argument("--liger", choices=("off", "on", "auto"), default="off", help="Liger's kernels")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--attn", default="sdpa", help="sdpa, eager, flash_attention_2 or auto")
 
     s = commands.add_parser("skip", help="record a run as skipped")
     s.add_argument("--size", choices=MODEL_SHAPES, required=True)
     s.add_argument("--method", choices=("lora", "qlora"), required=True)
     s.add_argument("--reason", required=True)
+    s.add_argument("--pack-to", type=int, default=None)
+    s.add_argument("--liger", choices=("off", "on", "auto"), default="off")
+    s.add_argument("--compile", action="store_true")
 
     r = commands.add_parser("report", help="print the table and write gpu_results.json")
     r.add_argument("--out", default=os.environ.get("OUT"), help="where gpu_results.json goes")

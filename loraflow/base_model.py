@@ -202,21 +202,39 @@ def load_causal_lm(
     *,
     dtype: str = "float32",
     quantization: QuantizationSpec | None = None,
+    compute_dtype: str | None = None,
+    quant_storage: str | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str = "sdpa",
+    device_map: dict | None | str = "process",
 ):
-    """Load a causal LM from safetensors, optionally with a 4-bit (bitsandbytes) frozen base."""
+    """Load a causal LM from safetensors, optionally with a 4-bit (bitsandbytes) frozen base.
+
+    `compute_dtype` overrides the quantization section's (whose `auto` must be resolved first, see
+    loraflow.runtime); `quant_storage` is the dtype the packed 4-bit weights are stored in (FSDP
+    shards them with the other weights, so they must share a dtype). `device_map` "process" puts
+    the model on this process's device; None leaves it on the CPU for the Trainer to place.
+    """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs = {}
     if quantization is not None and quantization.enabled:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
+        compute = compute_dtype or quantization.compute_dtype
+        if compute == "auto":
+            compute = dtype
+        quant = dict(
             load_in_4bit=True,
             bnb_4bit_quant_type=quantization.quant_type,
             bnb_4bit_use_double_quant=quantization.double_quant,
-            bnb_4bit_compute_dtype=torch_dtype(quantization.compute_dtype),
+            bnb_4bit_compute_dtype=torch_dtype(compute),
         )
-    kwargs["device_map"] = {"": _device()}
+        if quant_storage is not None:
+            quant["bnb_4bit_quant_storage"] = torch_dtype(quant_storage)
+        kwargs["quantization_config"] = BitsAndBytesConfig(**quant)
+    if device_map == "process":
+        kwargs["device_map"] = {"": _device()}
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=torch_dtype(dtype),
@@ -226,6 +244,18 @@ def load_causal_lm(
         **kwargs,
     )
     return model
+
+
+def checkpoint_dtype(path: Path) -> str:
+    """The dtype a model folder's config says its weights are stored in; float32 when it does not say."""
+    import json
+
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "float32"
+    stored = config.get("dtype") or config.get("torch_dtype")
+    return stored if stored in ("float32", "bfloat16", "float16") else "float32"
 
 
 def _device() -> str:

@@ -86,10 +86,15 @@ def packing_efficiency(rows: list[PackedRow], max_seq_len: int) -> float:
     return sum(len(r.input_ids) for r in rows) / (len(rows) * max_seq_len)
 
 
-def collate_packed(rows: list[PackedRow], pad_id: int) -> dict[str, torch.Tensor]:
-    """A batch of packed rows: ids, labels, position ids and a 4D boolean block-diagonal causal mask.
+def collate_packed(
+    rows: list[PackedRow], pad_id: int, additive: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """A batch of packed rows: ids, labels, position ids and a 4D block-diagonal causal mask.
 
-    Padding attends only to itself, so no attention row is empty (an empty one gives NaN in sdpa).
+    The mask is boolean (True: may attend), which sdpa takes; with `additive` a dtype, it is 0 where
+    a token may attend and that dtype's lowest value elsewhere, which eager attention adds to its
+    scores (it would add a boolean mask as 0/1, masking nothing). Padding attends only to itself,
+    so no attention row is empty (an empty one gives NaN in sdpa).
     """
     width = max(len(r.input_ids) for r in rows)
     batch = len(rows)
@@ -106,12 +111,14 @@ def collate_packed(rows: list[PackedRow], pad_id: int) -> dict[str, torch.Tensor
     causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
     same = segments[:, :, None] == segments[:, None, :]
     real = (segments >= 0)[:, :, None]
-    mask = (same & causal & real) | torch.eye(width, dtype=torch.bool)
+    mask = ((same & causal & real) | torch.eye(width, dtype=torch.bool))[:, None, :, :]
+    if additive is not None:
+        mask = torch.zeros(mask.shape, dtype=additive).masked_fill(~mask, torch.finfo(additive).min)
     return {
         "input_ids": input_ids,
         "labels": labels,
         "position_ids": position_ids,
-        "attention_mask": mask[:, None, :, :],
+        "attention_mask": mask,
     }
 
 

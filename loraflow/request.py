@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from loraflow.plan import FreeMemory, MemoryEstimate, PlanError, estimate_training, free_memory, preflight
 from loraflow.plan.memory import GIB
 from loraflow.spec import KubernetesSpec, PlanSpec, TrainingSpec
+from loraflow.tracking import Tracking
 from loraflow.train import TrainResult, train_adapter
 
 log = logging.getLogger("loraflow")
@@ -35,6 +36,10 @@ class TrainRequest(BaseModel):
     """The pipeline's pod placement; only the trainer's `kubernetes` mode reads it."""
     plan: PlanSpec = Field(default_factory=PlanSpec)
     """The pipeline's `plan` section: whether to check the memory estimate first, and any limit."""
+    tracking: Tracking = Field(default_factory=Tracking)
+    """Where the training's run is tracked (MLflow's store under the artifact home, by default)."""
+    root: str | None = None
+    """The project root, which a relative `training.deepspeed_config` is relative to."""
 
 
 def training_device() -> str:
@@ -95,6 +100,8 @@ def run_training(request: TrainRequest, preflight: bool = True) -> TrainResult:
         request.trust_remote_code,
         request.pack_to,
         record=request.record,
+        tracking=request.tracking,
+        root=Path(request.root) if request.root else None,
     )
 
 

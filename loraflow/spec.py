@@ -220,9 +220,9 @@ class QuantizationSpec(Section):
     double_quant: bool = True
     """Quantize the quantization constants too; saves about 0.4 bits per parameter."""
 
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """dtype the 4-bit weights are dequantized to for each matmul. `bfloat16` on a modern GPU,
-    `float32` on a CPU."""
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype the 4-bit weights are dequantized to for each matmul. `auto`: the training's dtype
+    (bfloat16 on a modern GPU, float32 on a CPU without bf16 units)."""
 
 
 class LoraSpec(Section):
@@ -264,8 +264,11 @@ class TrainingSpec(Section):
     method: Literal["qlora", "lora"] = "qlora"
     """`qlora`: LoRA on a 4-bit NF4 base (least memory). `lora`: LoRA on a base kept in `dtype`."""
 
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """dtype of the base weights for `lora`, and of the non-quantized parts for `qlora`."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the base weights for `lora`, of the non-quantized parts for `qlora`, and of the
+    mixed-precision products. `auto`: bfloat16 on a GPU that has it (float16 on older ones),
+    bfloat16 on a CPU with bf16 units, float32 on other CPUs (where bf16 is emulated, many times
+    slower). float16 needs a GPU."""
 
     quantization: QuantizationSpec | None = None
     """4-bit settings. Defaults to NF4 with double quantization when `method: qlora`."""
@@ -299,8 +302,9 @@ class TrainingSpec(Section):
     or `constant`."""
 
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
-    """`adamw` (PyTorch, fp32 states); `adamw_8bit` keeps the states in 8 bits, and `paged_adamw_8bit`
-    also pages them to CPU memory under pressure (both bitsandbytes, CUDA GPU only)."""
+    """`adamw` (PyTorch, fp32 states; its fused kernel on a GPU); `adamw_8bit` keeps the states in
+    8 bits, and `paged_adamw_8bit` also pages them to CPU memory under pressure (both bitsandbytes,
+    CUDA GPU only)."""
 
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of storing them: much less memory for
@@ -324,13 +328,46 @@ class TrainingSpec(Section):
     seed: int = 0
     """Seed for adapter initialisation, dropout and data order."""
 
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    """Attention kernel. `sdpa` (PyTorch's, the default) and `eager` work everywhere; packed rows
-    then use a block-diagonal mask. `flash_attention_2` needs a CUDA GPU and the flash-attn
-    package; packed examples then go through its variable-length path without any mask."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """Attention kernel. `sdpa` (PyTorch's) and `eager` work everywhere; packed rows then use a
+    block-diagonal mask. `flash_attention_2` needs a CUDA GPU, the flash-attn package and a 16-bit
+    dtype; packed examples then go through its variable-length path without any mask. `auto`:
+    flash_attention_2 where it can run, else sdpa."""
+
+    liger_kernel: bool | Literal["auto"] = "auto"
+    """Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU) for the model's layers: less memory and
+    faster steps on a GPU. `auto`: on with a CUDA GPU and the liger-kernel package (the `gpu` extra)."""
+
+    torch_compile: bool | Literal["auto"] = "auto"
+    """Compile the model with torch.compile. Faster steps after a compile of a minute or more;
+    `auto` leaves it off."""
+
+    distributed: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    """How several processes (torchrun, `accelerate launch`, or the trainer's torchrun and
+    kubernetes modes) share the work. `ddp`: every rank holds the whole model and the gradients are
+    averaged. `fsdp`: FSDP2 shards weights, gradients and optimizer state across ranks (for a model
+    that does not fit one GPU; with QLoRA the 4-bit storage dtype is set as FSDP needs). `deepspeed`:
+    ZeRO from the config file in `deepspeed_config` (CUDA and the deepspeed package). One process
+    ignores it."""
+
+    deepspeed_config: str | None = None
+    """A DeepSpeed JSON config (e.g. ZeRO-3), relative to the project root; needs
+    `distributed: deepspeed`."""
 
     log_every: int = Field(default=5, ge=1)
     """Log step, loss, learning rate, grad norm and tokens/s every N steps."""
+
+    @model_validator(mode="after")
+    def _deepspeed_has_a_config(self) -> TrainingSpec:
+        if self.distributed == "deepspeed" and not self.deepspeed_config:
+            raise ValueError(
+                "distributed: deepspeed needs deepspeed_config, the path of a DeepSpeed JSON config"
+            )
+        if self.deepspeed_config and self.distributed != "deepspeed":
+            raise ValueError(
+                f"deepspeed_config is set but distributed is {self.distributed!r}; set distributed: deepspeed"
+            )
+        return self
 
     @model_validator(mode="after")
     def _quantization_matches_method(self) -> TrainingSpec:
@@ -453,9 +490,10 @@ class EvaluationSpec(Section):
 
 
 class PublishSpec(Section):
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """dtype of the merged weights. The adapter is merged into a base loaded in this dtype,
-    never into 4-bit weights."""
+    never into 4-bit weights. `auto`: the dtype the base model's checkpoint is stored in
+    (float32 when its config does not say)."""
 
     license: str | None = None
     """License in the model card's header. None: the base model's when loraflow knows it (the
@@ -616,6 +654,12 @@ class PipelineSpec(Section):
 
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     """When it retrains on its own, and whether its source files are watched."""
+
+    tracking: Literal["mlflow", "wandb", "tensorboard", "none"] = "mlflow"
+    """Where each training's parameters and per-step figures (loss, eval loss, learning rate, grad
+    norm, tokens/s) go, one run per training. `mlflow`: a local store under the artifact home
+    (`make mlflow` browses it). `wandb`: Weights & Biases (the `wandb` extra; WANDB_* variables
+    apply). `tensorboard`: event files under the artifact home (the `tensorboard` extra). `none`."""
 
     root: Path = Field(exclude=True)
     """The project root that relative source paths resolve against (set by the loader)."""

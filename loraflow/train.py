@@ -1,22 +1,26 @@
-"""The training loop: LoRA or QLoRA on a tokenized dataset, in one readable function.
+"""Training a LoRA or QLoRA adapter: loraflow's rows and loss on TRL's SFTTrainer.
 
-    base model (4-bit NF4 for qlora) -> LoRA adapters -> optimizer over the adapter weights
-    -> steps: forward, loss on trained tokens, backward, (sum gradients across ranks), clip, step
-    -> checkpoints every N steps -> adapter folder
+    settings resolved for this device (loraflow.runtime), refused before any weight loads if they
+    cannot run here -> base model (4-bit NF4 for qlora) -> LoRA adapters (peft) -> loraflow's
+    tokenized rows as a datasets.Dataset, padded per batch or packed -> LoraflowTrainer
+    (loraflow.engine: SFTTrainer with loraflow's collators, loss and step figures) -> adapter folder
 
-One process, or N under torchrun. Every rank walks the same seeded order of examples; each takes
-its share of a step's examples, and the adapter's gradients are summed across ranks before the
-optimizer step. The loss of a step is the sum over all its trained tokens divided by their count,
-whichever rank or micro-batch a token fell in, so N processes follow the loss curve of one
-process with the same global batch, and gradient accumulation changes nothing but memory.
+The Trainer and accelerate run the loop: one process, or N under torchrun or `accelerate launch`
+(`training.distributed`: DDP, FSDP2 or DeepSpeed), gradient accumulation, clipping, mixed
+precision, checkpoints. The loss of a step is the sum over all its trained tokens divided by their
+count, whichever rank or micro-batch a token fell in, so N processes follow the loss curve of one
+process with the same global batch.
 
-Checkpoints hold the adapter weights, optimizer state, RNG states and the step; the data position
-follows from the step (the order of each epoch comes from the seed), so a resumed run continues
-bit for bit where the interrupted one stopped. They are plain tensors and numbers, loaded with
+Checkpoints are the Trainer's (adapter, optimizer, scheduler, every rank's RNG states, the data
+position), in `<adapter>.checkpoints/checkpoint-<step>/`, plus `loraflow_checkpoint.json`: the
+run's fingerprint (settings, dataset, base model), loraflow's figures so far and the tracking
+run. Only a checkpoint with this run's fingerprint is resumed, and a resumed run ends with the
+adapter an uninterrupted one ends with, bit for bit on a CPU. The Trainer loads them with
 `torch.load(weights_only=True)`.
 
 Progress (step, loss, learning rate, grad norm, tokens/s, ETA) goes to the "loraflow" logger,
-which Dagster shows in the run's log, and to an optional `progress` callback.
+which Dagster shows in the run's log, to the tracker (MLflow by default in a pipeline), and to an
+optional `progress` callback.
 """
 
 from __future__ import annotations
@@ -26,10 +30,10 @@ import json
 import logging
 import math
 import os
-import random
 import resource
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,23 +41,39 @@ from pathlib import Path
 import torch
 
 from loraflow.artifacts import atomic_dir, write_json_atomic
-from loraflow.base_model import load_causal_lm, load_tokenizer
+from loraflow.base_model import load_causal_lm, load_tokenizer, torch_dtype
+from loraflow.curves import save_loss_curve
 from loraflow.dataset import dataset_tokenizer, load_split, stored_template
-from loraflow.formatting import IGNORE_INDEX, collate
-from loraflow.packing import collate_flat, collate_packed, pack_examples, packing_efficiency
+from loraflow.engine import (
+    CHECKPOINT_MARKER,
+    LoraflowTrainer,
+    kept,
+    make_collator,
+    targets_of,
+    token_loss_sum,
+)
+from loraflow.packing import pack_examples, packing_efficiency
+from loraflow.runtime import Runtime, TrainingError, resolve_runtime
 from loraflow.spec import LoraSpec, TrainingSpec
+from loraflow.tracking import Tracking, check_installed, flatten, log_artifact, tracked_run
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("loraflow")
 
 TRAINING_SUMMARY = "training_summary.json"
 TRAINING_RECORD = "training_record.json"
-LOSS_CURVE = "loss_curve.svg"
-CHECKPOINT_FILE = "state.pt"
+LOSS_CURVE = "loss_curve.png"
 EVAL_EXAMPLES = 256
+"""Eval rows the training's own eval loss is measured on (the evaluation asset scores its own set)."""
 
-
-class TrainingError(RuntimeError):
-    """Training stopped: what happened, and what to change."""
+__all__ = [
+    "LOSS_CURVE",
+    "TRAINING_SUMMARY",
+    "TrainResult",
+    "TrainingError",
+    "targets_of",
+    "token_loss_sum",
+    "train_adapter",
+]
 
 
 @dataclass
@@ -66,6 +86,7 @@ class TrainResult:
     tokens_per_second: float
     wall_seconds: float
     peak_memory_mb: float
+    """Peak CUDA memory allocated during training on a GPU, else the process's peak resident set."""
     trainable_params: int
     total_params: int
     packing_efficiency: float | None = None
@@ -76,6 +97,12 @@ class TrainResult:
     world_size: int = 1
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     eval_curve: list[tuple[int, float]] = field(default_factory=list)
+    peak_reserved_mb: float | None = None
+    """Peak CUDA memory the caching allocator reserved (what the GPU had to hold); None on a CPU."""
+    runtime: str = ""
+    """The resolved settings: device, dtype, attention, optimizer, kernels."""
+    tracking: dict = field(default_factory=dict)
+    """The tracked run: backend, run id, link."""
 
     @property
     def trainable_percent(self) -> float:
@@ -94,7 +121,7 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# the pieces the loop is made of
+# the pieces a training is made of
 
 
 def lora_config(lora: LoraSpec):
@@ -131,55 +158,12 @@ def count_parameters(model) -> tuple[int, int]:
     trainable = total = 0
     for param in model.parameters():
         n = param.numel()
-        if hasattr(param, "quant_state"):  # bitsandbytes packs two 4-bit values per byte
-            n *= 2
+        if hasattr(param, "quant_state"):  # bitsandbytes packs two 4-bit values per byte of storage
+            n *= 2 * param.element_size()
         total += n
         if param.requires_grad:
             trainable += n
     return trainable, total
-
-
-def peak_memory_mb() -> float:
-    """Peak CUDA memory allocated when on a GPU, else the process's peak resident set size."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def check_attention(training: TrainingSpec) -> None:
-    """Fail early, and say why, when the chosen attention kernel cannot run here."""
-    if training.attn_implementation != "flash_attention_2":
-        return
-    import importlib.util
-
-    if not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None:
-        raise TrainingError(
-            "training.attn_implementation flash_attention_2 needs a CUDA GPU and the flash-attn package "
-            "(pip install flash-attn); use sdpa here"
-        )
-
-
-def make_optimizer(model, training: TrainingSpec) -> torch.optim.Optimizer:
-    """AdamW over the trainable weights; LoRA+ gives the B matrices their own, larger rate."""
-    lora = training.lora
-    fast = [
-        p for n, p in model.named_parameters() if p.requires_grad and lora.loraplus_lr_ratio and "lora_B" in n
-    ]
-    fast_ids = {id(p) for p in fast}
-    slow = [p for p in model.parameters() if p.requires_grad and id(p) not in fast_ids]
-    groups = [{"params": slow, "lr_scale": 1.0}]
-    if fast:
-        groups.append({"params": fast, "lr_scale": lora.loraplus_lr_ratio})
-    if training.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=training.learning_rate, weight_decay=training.weight_decay)
-    if not torch.cuda.is_available():
-        raise TrainingError(
-            f"training.optimizer {training.optimizer} runs on a CUDA GPU only (bitsandbytes); use adamw here"
-        )
-    import bitsandbytes as bnb
-
-    kind = bnb.optim.PagedAdamW8bit if training.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
-    return kind(groups, lr=training.learning_rate, weight_decay=training.weight_decay)
 
 
 def attach_lora(model, training: TrainingSpec):
@@ -202,156 +186,169 @@ def attach_lora(model, training: TrainingSpec):
         ) from None
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of the cross-entropy of every trained token of a batch (the model's shifted targets).
-
-    The output head runs only on positions whose next token is trained: for chat data most
-    positions are prompts, and the head (hidden x vocabulary) is a large share of a small model.
-    Models whose head does more than one linear map (logit soft-capping, scaling) get full logits.
-    """
-    labels = batch["labels"]
-    targets = labels[:, 1:]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = core.config
-    plain_head = (
-        hasattr(core, "lm_head")
-        and hasattr(core, "model")
-        and not getattr(config, "final_logit_softcapping", None)
-        and getattr(config, "logit_scale", None) is None
+def load_model(training: TrainingSpec, runtime: Runtime, base_model_dir: Path, trust_remote_code: bool):
+    """The base model for this training: in `runtime.dtype`, 4-bit for QLoRA, on this process's
+    device (FSDP: on the CPU, for the Trainer to shard, unless 4-bit)."""
+    qlora = training.method == "qlora"
+    fsdp = training.distributed == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    model = load_causal_lm(
+        base_model_dir,
+        dtype=runtime.dtype,
+        quantization=training.quantization if qlora else None,
+        compute_dtype=runtime.compute_dtype,
+        # FSDP shards the packed 4-bit weights with the others: they must share the others' dtype
+        quant_storage=runtime.dtype if qlora and fsdp else None,
+        trust_remote_code=trust_remote_code,
+        attn_implementation=runtime.attention,
+        device_map=None if fsdp and not qlora else "process",
     )
-    if plain_head:
-        hidden = core.model(**inputs).last_hidden_state[:, :-1]
-        selected = targets != IGNORE_INDEX
-        logits = core.lm_head(hidden[selected]).float()
-        return torch.nn.functional.cross_entropy(logits, targets[selected], reduction="sum")
-    logits = model(**inputs).logits[:, :-1].float()
-    return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum", ignore_index=IGNORE_INDEX
-    )
-
-
-def targets_of(rows, packed: bool) -> int:
-    """How many tokens of these rows are next-token targets (trained labels after the shift)."""
-    labels = (row.labels if packed else row["labels"] for row in rows)
-    return sum(sum(label != IGNORE_INDEX for label in seq[1:]) for seq in labels)
-
-
-@torch.no_grad()
-def eval_loss(model, rows: list[dict], pad_id: int, batch_size: int) -> float:
-    """Mean loss per trained token on eval rows."""
-    was_training = model.training
-    model.eval()
-    total = count = 0.0
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        total += float(token_loss_sum(model, collate(chunk, pad_id)))
-        count += targets_of(chunk, packed=False)
-    model.train(was_training)
-    return total / max(1, count)
-
-
-# ---------------------------------------------------------------------------------------------
-# ranks and checkpoints
-
-
-@dataclass(frozen=True)
-class Ranks:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def join_ranks() -> Ranks:
-    """Join the process group torchrun started (gloo on CPU, nccl on GPU), or run alone."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Ranks()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return Ranks(rank=dist.get_rank(), world=dist.get_world_size())
-
-
-def sum_gradients(params: list[torch.nn.Parameter], ranks: Ranks) -> None:
-    """Add up the gradients of all ranks, in one flat buffer (one collective per step)."""
-    if ranks.world == 1:
-        return
-    import torch.distributed as dist
-
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for param, grad in zip(params, grads, strict=True):
-        param.grad = flat[offset : offset + grad.numel()].view_as(grad).clone()
-        offset += grad.numel()
+    model.config.use_cache = False
+    return model
 
 
 def run_fingerprint(
-    training: TrainingSpec, dataset_dir: Path, base_model_dir: Path, pack_to: int | None
+    training: TrainingSpec, dataset_dir: Path, base_model_dir: Path, pack_to: int | None, runtime: Runtime
 ) -> str:
-    """What a checkpoint must match to be resumed: the settings, the data and the base model."""
+    """What a checkpoint must match to be resumed: the settings (as resolved here), the data and
+    the base model."""
     blob = json.dumps(
-        [training.model_dump(mode="json"), Path(dataset_dir).name, str(base_model_dir), pack_to],
+        [
+            training.model_dump(mode="json"),
+            Path(dataset_dir).name,
+            str(base_model_dir),
+            pack_to,
+            [runtime.dtype, runtime.compute_dtype, runtime.attention],
+        ],
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def latest_checkpoint(folder: Path, fingerprint: str) -> dict | None:
-    """The newest readable checkpoint of this run, or None. Others (older settings) are skipped."""
+def latest_checkpoint(folder: Path, fingerprint: str) -> tuple[Path, dict] | None:
+    """The newest complete checkpoint of this run, with loraflow's marker, or None. Checkpoints of
+    other settings are removed (this folder belongs to one adapter); an incomplete one (no marker:
+    the run died while saving it) is skipped."""
     if not folder.is_dir():
         return None
-    for path in sorted(folder.glob("step-*/" + CHECKPOINT_FILE), reverse=True):
+    found = None
+    for path in sorted(folder.glob("checkpoint-*"), key=lambda p: _step_of(p), reverse=True):
+        marker = path / CHECKPOINT_MARKER
         try:
-            state = torch.load(path, weights_only=True, map_location="cpu")
-        except Exception as err:  # noqa: BLE001 - a damaged checkpoint is skipped, never trusted
-            log.warning("skipping unreadable checkpoint %s: %s", path, err)
+            state = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            log.warning("skipping incomplete checkpoint %s", path.name)
             continue
-        if state.get("fingerprint") == fingerprint:
-            return state
-        log.info("checkpoint %s belongs to other settings; not resuming from it", path.parent.name)
-    return None
+        if state.get("fingerprint") != fingerprint:
+            log.info("checkpoint %s belongs to other settings; not resuming from it", path.name)
+            shutil.rmtree(path, ignore_errors=True)
+            continue
+        if found is None:
+            found = (path, state)
+    return found
 
 
-def save_checkpoint(folder: Path, state: dict, keep: int) -> Path:
-    """Write one checkpoint atomically, then drop all but the newest `keep`."""
-    target = folder / f"step-{state['step']:07d}"
-    with atomic_dir(target) as tmp:
-        torch.save(state, tmp / CHECKPOINT_FILE)
-    for old in sorted(folder.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name.rsplit("-", 1)[-1])
+    except ValueError:
+        return -1
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+def peak_memory() -> tuple[float, float | None]:
+    """(peak allocated, peak reserved) CUDA memory in MiB since the last reset on a GPU; on a CPU,
+    the process's peak resident set size and None."""
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        return torch.cuda.max_memory_allocated() / 2**20, torch.cuda.max_memory_reserved() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, None
 
 
-def restore_rng(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuples(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def training_args(
+    training: TrainingSpec,
+    runtime: Runtime,
+    checkpoint_dir: Path,
+    tracking: Tracking,
+    total_steps: int,
+    has_eval: bool,
+    root: Path | None = None,
+):
+    """The SFTConfig for a training: every setting explicit, TRL's defaults (bf16, checkpointing on)
+    never decide."""
+    from trl import SFTConfig
+
+    distributed: dict = {}
+    if training.distributed == "fsdp":
+        distributed = {
+            "fsdp": "full_shard auto_wrap",
+            "fsdp_config": {"version": 2, "reshard_after_forward": True, "cpu_ram_efficient_loading": False},
+        }
+    elif training.distributed == "deepspeed":
+        config = Path(training.deepspeed_config)
+        if not config.is_absolute() and root is not None:
+            config = Path(root) / config
+        if not config.is_file():
+            raise TrainingError(f"training.deepspeed_config: no DeepSpeed config at {config}")
+        distributed = {"deepspeed": str(config)}
+    checkpoints = training.checkpoint_every and training.checkpoint_every < total_steps
+    return SFTConfig(
+        output_dir=str(checkpoint_dir),
+        max_steps=total_steps,
+        per_device_train_batch_size=training.batch_size,
+        per_device_eval_batch_size=training.batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        learning_rate=training.learning_rate,
+        weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm,
+        optim=runtime.optimizer,
+        bf16=runtime.bf16,
+        fp16=runtime.fp16,
+        use_cpu=runtime.device == "cpu",
+        gradient_checkpointing=training.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if training.gradient_checkpointing else None,
+        torch_compile=runtime.torch_compile,
+        use_liger_kernel=runtime.liger_kernel,
+        logging_strategy="steps",
+        logging_steps=1,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=training.eval_every if has_eval else None,
+        save_strategy="steps" if checkpoints else "no",
+        save_steps=training.checkpoint_every if checkpoints else 500,
+        save_total_limit=training.keep_checkpoints,
+        save_only_model=False,
+        report_to=tracking.report_to,
+        run_name=tracking.run_name,
+        seed=training.seed,
+        data_seed=training.seed,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=runtime.device == "cuda",
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        disable_tqdm=True,
+        log_level="warning",
+        ddp_find_unused_parameters=False,
+        **distributed,
+    )
 
 
-def _as_tuples(value):
-    """random.setstate wants the nested tuples it gave (a checkpoint may hand back lists)."""
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, list | tuple) else value
+def _rows_dataset(rows: list, packed: bool):
+    """loraflow's rows as a datasets.Dataset, columns named for the collator."""
+    from datasets import Dataset
+
+    if packed:
+        return Dataset.from_dict(
+            {
+                "input_ids": [r.input_ids for r in rows],
+                "labels": [r.labels for r in rows],
+                "position_ids": [r.position_ids for r in rows],
+                "segment_ids": [r.segment_ids for r in rows],
+            }
+        )
+    return Dataset.from_dict(
+        {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]}
+    )
 
 
 # ---------------------------------------------------------------------------------------------
-# the loop
+# a training
 
 
 def train_adapter(
@@ -364,299 +361,229 @@ def train_adapter(
     progress: Callable[[dict], None] | None = None,
     checkpoint_dir: Path | None = None,
     record: dict | None = None,
+    tracking: Tracking | None = None,
+    root: Path | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on the dataset's train split and write it to `adapter_dir` atomically.
 
     `pack_to`: pack examples into rows of this many tokens (`format.packing`); None pads each batch.
-    `progress`: called on the main rank after every step with that step's figures.
-    `checkpoint_dir`: where checkpoints go (default: beside the adapter, `<adapter>.checkpoints`);
-    the newest one matching these settings is resumed from.
+    `progress`: called on the main rank after every step (after its eval and checkpoint) with that
+    step's figures. `checkpoint_dir`: where checkpoints go (default: beside the adapter,
+    `<adapter>.checkpoints`); the newest one matching these settings is resumed from.
     `record`: lineage written into the adapter's training record (data version, base model hash).
-    The tokenizer saved with the adapter carries the dataset's chat template.
+    `tracking`: where the run is tracked (default: nowhere). `root`: what a relative
+    `deepspeed_config` is relative to. The tokenizer saved with the adapter carries the dataset's
+    chat template.
     """
-    from peft import prepare_model_for_kbit_training
+    from transformers import set_seed
 
-    check_attention(training)
-    ranks = join_ranks()
+    runtime = resolve_runtime(training)  # refuses what cannot run here before any weight loads
+    tracking = tracking or Tracking()
+    check_installed(tracking)
     adapter_dir = Path(adapter_dir)
     checkpoint_dir = Path(checkpoint_dir or adapter_dir.with_name(adapter_dir.name + ".checkpoints"))
-    fingerprint = run_fingerprint(training, dataset_dir, base_model_dir, pack_to)
-    torch.manual_seed(training.seed)
-    random.seed(training.seed)
+    fingerprint = run_fingerprint(training, dataset_dir, base_model_dir, pack_to, runtime)
+    set_seed(training.seed)  # the adapters' initial weights come from it
 
     tokenizer = dataset_tokenizer(base_model_dir, dataset_dir, trust_remote_code)
-    qlora = training.method == "qlora"
-    model = load_causal_lm(
-        base_model_dir,
-        dtype=training.dtype,
-        quantization=training.quantization if qlora else None,
-        trust_remote_code=trust_remote_code,
-        attn_implementation=training.attn_implementation,
-    )
-    model.config.use_cache = False
-    if qlora:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=training.gradient_checkpointing
-        )
-    elif training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    train_rows = load_split(dataset_dir, "train")
+    if not train_rows:
+        raise TrainingError(f"{dataset_dir}: the train split is empty; there is nothing to train on")
+    eval_rows = load_split(dataset_dir, "eval")[:EVAL_EXAMPLES] if training.eval_every else []
+    packed = pack_to is not None
+    efficiency = None
+    units = train_rows
+    if packed:
+        units = pack_examples(train_rows, pack_to)
+        efficiency = packing_efficiency(units, pack_to)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = training.batch_size * training.gradient_accumulation_steps * world
+    steps_per_epoch = math.ceil(len(units) / per_step)
+    total_steps = training.max_steps or max(1, math.ceil(training.epochs * steps_per_epoch))
+
+    model = load_model(training, runtime, base_model_dir, trust_remote_code)
     model = attach_lora(model, training)
     trainable, total = count_parameters(model)
-    if ranks.main:
+    main = int(os.environ.get("RANK", "0")) == 0
+    if main:
         log.info(
             "trainable params: %s || all params: %s || trainable%%: %.4f",
             f"{trainable:,}",
             f"{total:,}",
             100 * trainable / total,
         )
-
-    train_rows = load_split(dataset_dir, "train")
-    eval_rows = load_split(dataset_dir, "eval")[:EVAL_EXAMPLES] if training.eval_every else []
-    if not train_rows:
-        raise TrainingError(f"{dataset_dir}: the train split is empty; there is nothing to train on")
-    efficiency = None
-    packed = pack_to is not None
-    if packed:
-        units = pack_examples(train_rows, pack_to)
-        efficiency = packing_efficiency(units, pack_to)
-        (log.info if ranks.main else log.debug)(
-            "packed %d examples into %d rows of %d tokens (%.1f%% real tokens)",
-            len(train_rows),
-            len(units),
-            pack_to,
-            100 * efficiency,
-        )
-        flat = training.attn_implementation == "flash_attention_2"
-
-        def to_batch(rows):
-            return collate_flat(rows) if flat else collate_packed(rows, tokenizer.pad_token_id)
-
-        def real_tokens(rows) -> int:
-            return sum(len(row.input_ids) for row in rows)
-
-        def examples_in(rows) -> int:
-            return sum(len(set(row.segment_ids)) for row in rows)
-    else:
-        units = train_rows
-
-        def to_batch(rows):
-            return collate(rows, tokenizer.pad_token_id)
-
-        def real_tokens(rows) -> int:
-            return sum(len(row["input_ids"]) for row in rows)
-
-        def examples_in(rows) -> int:
-            return len(rows)
-
-    micro = training.batch_size  # per rank and forward pass
-    per_step = micro * training.gradient_accumulation_steps * ranks.world
-    steps_per_epoch = math.ceil(len(units) / per_step)
-    total_steps = training.max_steps or max(1, math.ceil(training.epochs * steps_per_epoch))
-    device = next(p for p in model.parameters() if p.requires_grad).device
-    orders: dict[int, list[int]] = {}
-
-    def unit_at(position: int):
-        """The unit at a global position in the endless, per-epoch reshuffled order."""
-        epoch, offset = divmod(position, len(units))
-        if epoch not in orders:
-            order = list(range(len(units)))
-            random.Random(training.seed * 1_000_003 + epoch).shuffle(order)
-            orders.clear()
-            orders[epoch] = order
-        return units[orders[epoch][offset]]
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(model, training)
-
-    start_step, loss_curve, eval_curve = 0, [], []
-    tokens_seen = examples_seen = 0
-    state = latest_checkpoint(checkpoint_dir, fingerprint)
-    if state is not None:
-        named = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in state["adapter"].items():
-                named[name].copy_(tensor)
-        optimizer.load_state_dict(state["optimizer"])
-        restore_rng(state["rng"])
-        start_step = state["step"]
-        loss_curve = [tuple(x) for x in state["loss_curve"]]
-        eval_curve = [tuple(x) for x in state["eval_curve"]]
-        tokens_seen, examples_seen = state["tokens_seen"], state["examples_seen"]
-        log.info("resuming from the checkpoint at step %d of %d", start_step, total_steps)
-
-    model.train()
-    (log.info if ranks.main else log.debug)(
-        "training %s: %d steps of %d %s (%d train examples, %.2f epochs)%s",
-        training.method,
-        total_steps,
-        per_step,
-        "packed rows" if packed else "examples",
-        len(train_rows),
-        total_steps / steps_per_epoch,
-        f" on {ranks.world} ranks" if ranks.world > 1 else "",
-    )
-
-    started = window_start = time.perf_counter()
-    window_tokens, resumed_tokens = 0, tokens_seen
-    last_checkpoint = start_step if state is not None else None
-    try:
-        for step in range(start_step, total_steps):
-            lr = lr_at(
-                step, total_steps, training.warmup_steps, training.learning_rate, training.lr_scheduler
+        log.info("runtime: %s", runtime.describe() + "".join(f"; {note}" for note in runtime.notes))
+        if packed:
+            log.info(
+                "packed %d examples into %d rows of %d tokens (%.1f%% real tokens)",
+                len(train_rows),
+                len(units),
+                pack_to,
+                100 * efficiency,
             )
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            step_units = [unit_at(step * per_step + i) for i in range(per_step)]
-            step_targets = targets_of(step_units, packed)
-            mine = step_units[ranks.rank :: ranks.world]
-            step_loss = 0.0
-            for start in range(0, len(mine), micro):
-                rows = mine[start : start + micro]
-                batch = {k: v.to(device) for k, v in to_batch(rows).items()}
-                loss = token_loss_sum(model, batch) / max(1, step_targets)
-                loss.backward()
-                step_loss += loss.item()
-            sum_gradients(params, ranks)
-            step_loss = _sum_across(step_loss, ranks)
-            if not math.isfinite(step_loss):
-                raise TrainingError(
-                    f"the loss became {step_loss} at step {step + 1} (learning rate {lr:.2e}). Lower "
-                    "training.learning_rate, keep max_grad_norm on, or use float32/bfloat16 rather than float16"
-                    + _kept(last_checkpoint)
-                )
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, training.max_grad_norm))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_tokens = real_tokens(step_units)
-            tokens_seen += step_tokens
-            window_tokens += step_tokens
-            examples_seen += examples_in(step_units)
-            loss_curve.append((step + 1, round(step_loss, 6)))
-            done = step + 1
-            if training.eval_every and (done % training.eval_every == 0 or done == total_steps) and eval_rows:
-                eval_curve.append(
-                    (done, round(eval_loss(model, eval_rows, tokenizer.pad_token_id, micro), 6))
-                )
 
-            if ranks.main and (done % training.log_every == 0 or done == total_steps):
-                now = time.perf_counter()
-                rate = window_tokens / (now - window_start)
-                eta = (now - started) / (done - start_step) * (total_steps - done)
-                log.info(
-                    "step %d/%d | loss %.4f | lr %.2e | grad norm %.3f | %.0f tokens/s | ETA %s%s",
-                    done,
-                    total_steps,
-                    step_loss,
-                    lr,
-                    grad_norm,
-                    rate,
-                    _duration(eta),
-                    f" | eval loss {eval_curve[-1][1]:.4f}"
-                    if eval_curve and eval_curve[-1][0] == done
-                    else "",
-                )
-                window_start, window_tokens = now, 0
-            if training.checkpoint_every and done % training.checkpoint_every == 0 and done < total_steps:
-                if ranks.main:
-                    save_checkpoint(
-                        checkpoint_dir,
-                        {
-                            "fingerprint": fingerprint,
-                            "step": done,
-                            "adapter": {
-                                n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad
-                            },
-                            "optimizer": optimizer.state_dict(),
-                            "rng": rng_state(),
-                            "loss_curve": loss_curve,
-                            "eval_curve": eval_curve,
-                            "tokens_seen": tokens_seen,
-                            "examples_seen": examples_seen,
-                        },
-                        training.keep_checkpoints,
-                    )
-                last_checkpoint = done
-            if progress is not None and ranks.main:
-                progress(
-                    {
-                        "step": done,
-                        "total_steps": total_steps,
-                        "loss": step_loss,
-                        "learning_rate": lr,
-                        "grad_norm": grad_norm,
-                        "tokens_seen": tokens_seen,
-                        "tokens_per_second": (tokens_seen - resumed_tokens) / (time.perf_counter() - started),
-                        "eval_loss": eval_curve[-1][1] if eval_curve and eval_curve[-1][0] == done else None,
-                    }
-                )
-    except torch.cuda.OutOfMemoryError:
-        raise TrainingError(_out_of_memory(training, pack_to, "GPU") + _kept(last_checkpoint)) from None
-    except MemoryError:
-        raise TrainingError(_out_of_memory(training, pack_to, "CPU") + _kept(last_checkpoint)) from None
-    except RuntimeError as err:
-        if "out of memory" in str(err) or "can't allocate memory" in str(err):
-            raise TrainingError(
-                _out_of_memory(training, pack_to, "device") + _kept(last_checkpoint)
-            ) from None
-        raise
+    args = training_args(training, runtime, checkpoint_dir, tracking, total_steps, bool(eval_rows), root=root)
+    _ = args.device  # joins the process group under torchrun, before the ranks agree on a checkpoint
+    found = latest_checkpoint(checkpoint_dir, fingerprint) if main else None
+    if world > 1:
+        found = _same_on_every_rank(found)
+    resume_path, resumed = found if found is not None else (None, None)
+    schedule = _schedule(training, total_steps)
+    with warnings.catch_warnings():
+        # TRL deprecates its Liger switch in favour of Hub kernels; the switch still applies them
+        warnings.filterwarnings("ignore", message=r"`use_liger_kernel=True` is deprecated")
+        trainer = LoraflowTrainer(
+            model=model,
+            args=args,
+            train_dataset=_rows_dataset(units, packed),
+            eval_dataset=_rows_dataset(eval_rows, False) if eval_rows else None,
+            data_collator=make_collator(
+                tokenizer.pad_token_id,
+                packed,
+                runtime.attention,
+                torch_dtype(runtime.compute_dtype or runtime.dtype),
+            ),
+            processing_class=tokenizer,
+            eval_rows=eval_rows,
+            progress=progress,
+            log_every=training.log_every,
+            resumed=(resumed or {}).get("figures"),
+            schedule=schedule,
+            loraplus_ratio=training.lora.loraplus_lr_ratio,
+            fused_head=runtime.device == "cuda" and not runtime.liger_kernel,
+            fingerprint=fingerprint,
+        )
+    if training.method == "qlora" and runtime.dtype == "float32":
+        # SFTTrainer casts a 4-bit model's adapters to bf16 (the QLoRA paper's choice on a GPU); in
+        # float32 training, and on a CPU without bf16 units, they stay float32
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
 
-    wall = time.perf_counter() - started
-    evals = [loss for _, loss in eval_curve]
-    result = TrainResult(
-        adapter_dir=str(adapter_dir),
-        steps=total_steps,
-        examples_seen=examples_seen,
-        tokens_seen=tokens_seen,
-        final_loss=loss_curve[-1][1],
-        tokens_per_second=round((tokens_seen - resumed_tokens) / wall, 1),
-        wall_seconds=round(wall, 2),
-        peak_memory_mb=round(peak_memory_mb(), 1),
-        trainable_params=trainable,
-        total_params=total,
-        packing_efficiency=round(efficiency, 4) if efficiency is not None else None,
-        resumed_from_step=start_step,
-        final_eval_loss=evals[-1] if evals else None,
-        best_eval_loss=min(evals) if evals else None,
-        world_size=ranks.world,
-        loss_curve=loss_curve,
-        eval_curve=eval_curve,
-    )
-    if ranks.main:
-        with atomic_dir(adapter_dir) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            (tmp / TRAINING_SUMMARY).write_text(json.dumps(asdict(result), indent=2))
-            write_json_atomic(tmp / TRAINING_RECORD, training_record(training, dataset_dir, pack_to, record))
-            (tmp / LOSS_CURVE).write_text(loss_curve_svg(loss_curve, eval_curve), encoding="utf-8")
-            if load_tokenizer(tmp, trust_remote_code).chat_template != stored_template(dataset_dir):
-                raise TrainingError(
-                    f"{adapter_dir}: the saved tokenizer's chat template differs from the dataset's"
-                )
+    if main:
+        log.info(
+            "training %s: %d steps of %d %s (%d train examples, %.2f epochs)%s%s",
+            training.method,
+            total_steps,
+            per_step,
+            "packed rows" if packed else "examples",
+            len(train_rows),
+            total_steps / steps_per_epoch,
+            f" on {world} ranks ({training.distributed})" if world > 1 else "",
+            f"; resuming from the checkpoint at step {resumed['figures']['step']}" if resumed else "",
+        )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    params = {
+        **flatten(training.model_dump(mode="json"), "training."),
+        "runtime": runtime.describe(),
+        "packing": pack_to is not None,
+        "row_tokens": pack_to,
+        "dataset": Path(dataset_dir).name,
+    }
+    started = time.perf_counter()
+    resume_run = (resumed or {}).get("run_id")
+    with tracked_run(tracking, params, main, resume_run) as run:
+        trainer.run_id = run.run_id
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_path) if resume_path else None)
+        except torch.cuda.OutOfMemoryError:
+            raise TrainingError(_out_of_memory(training, pack_to, "GPU") + _kept(trainer)) from None
+        except MemoryError:
+            raise TrainingError(_out_of_memory(training, pack_to, "CPU") + _kept(trainer)) from None
+        except RuntimeError as err:
+            if "out of memory" in str(err) or "can't allocate memory" in str(err):
+                raise TrainingError(_out_of_memory(training, pack_to, "device") + _kept(trainer)) from None
+            raise
+        wall = time.perf_counter() - started
+        allocated, reserved = peak_memory()
+        evals = [loss for _, loss in trainer.eval_curve]
+        start_step = (resumed or {}).get("figures", {}).get("step", 0)
+        result = TrainResult(
+            adapter_dir=str(adapter_dir),
+            steps=total_steps,
+            examples_seen=trainer.examples_seen,
+            tokens_seen=trainer.tokens_seen,
+            final_loss=trainer.loss_curve[-1][1],
+            tokens_per_second=round((trainer.tokens_seen - trainer._tokens_at_start) / wall, 1),
+            wall_seconds=round(wall, 2),
+            peak_memory_mb=round(allocated, 1),
+            peak_reserved_mb=round(reserved, 1) if reserved is not None else None,
+            trainable_params=trainable,
+            total_params=total,
+            packing_efficiency=round(efficiency, 4) if efficiency is not None else None,
+            resumed_from_step=start_step,
+            final_eval_loss=evals[-1] if evals else None,
+            best_eval_loss=min(evals) if evals else None,
+            world_size=world,
+            loss_curve=trainer.loss_curve,
+            eval_curve=trainer.eval_curve,
+            runtime=runtime.describe(),
+            tracking=run.model_dump(exclude_none=True),
+        )
+        _save_adapter(
+            trainer, tokenizer, adapter_dir, dataset_dir, result, training, pack_to, record, run, main
+        )
+    if main:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    if ranks.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
     return result
 
 
-def _sum_across(value: float, ranks: Ranks) -> float:
-    if ranks.world == 1:
-        return value
+def _save_adapter(trainer, tokenizer, adapter_dir, dataset_dir, result, training, pack_to, record, run, main):
+    """Every rank takes part in gathering the adapter (FSDP, DeepSpeed); the main one writes it."""
+    staging = adapter_dir.with_name(f".{adapter_dir.name}.staging")
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    trainer.accelerator.wait_for_everyone()
+    if not main:
+        return
+    with atomic_dir(adapter_dir) as tmp:
+        for item in staging.iterdir():
+            if item.name != "training_args.bin":  # a pickle of the Trainer's arguments: never shipped
+                shutil.move(str(item), tmp / item.name)
+        shutil.rmtree(staging, ignore_errors=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / TRAINING_SUMMARY).write_text(json.dumps(asdict(result), indent=2))
+        write_json_atomic(
+            tmp / TRAINING_RECORD, training_record(training, dataset_dir, pack_to, record, result)
+        )
+        curve = save_loss_curve(
+            tmp / LOSS_CURVE, result.loss_curve, result.eval_curve, title=adapter_dir.name
+        )
+        log_artifact(run, curve)
+        if load_tokenizer(tmp).chat_template != stored_template(dataset_dir):
+            raise TrainingError(
+                f"{adapter_dir}: the saved tokenizer's chat template differs from the dataset's"
+            )
+
+
+def _same_on_every_rank(found):
+    """Rank 0 decides which checkpoint to resume (it may remove stale ones); the others follow."""
     import torch.distributed as dist
 
-    tensor = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return float(tensor)
+    choice = [str(found[0]) if found else None]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    if choice[0] is None:
+        return None
+    path = Path(choice[0])
+    return path, json.loads((path / CHECKPOINT_MARKER).read_text(encoding="utf-8"))
 
 
-def _kept(step: int | None) -> str:
-    if step is None:
-        return ". No checkpoint was written yet."
-    return (
-        f". The checkpoint at step {step} is kept; re-materializing with the same settings resumes from it."
-    )
+def _schedule(training: TrainingSpec, total_steps: int) -> Callable[[int], float]:
+    """lr_at as the multiplier of the peak learning rate that LambdaLR takes."""
+    peak = training.learning_rate
+
+    def factor(step: int) -> float:
+        return lr_at(step, total_steps, training.warmup_steps, peak, training.lr_scheduler) / peak
+
+    return factor
+
+
+def _kept(trainer: LoraflowTrainer) -> str:
+    return kept(trainer.last_checkpoint)
 
 
 def _out_of_memory(training: TrainingSpec, pack_to: int | None, where: str) -> str:
@@ -671,14 +598,14 @@ def _out_of_memory(training: TrainingSpec, pack_to: int | None, where: str) -> s
 
 
 def training_record(
-    training: TrainingSpec, dataset_dir: Path, pack_to: int | None, extra: dict | None
+    training: TrainingSpec, dataset_dir: Path, pack_to: int | None, extra: dict | None, result: TrainResult
 ) -> dict:
     """What made this adapter: resolved settings, dataset version, lineage given by the caller, versions."""
     import importlib.metadata
     import platform
 
     versions = {}
-    for package in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+    for package in ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate"):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -687,9 +614,11 @@ def training_record(
     dataset = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     return {
         "training": training.model_dump(mode="json"),
+        "runtime": result.runtime,
         "packing": {"enabled": pack_to is not None, "row_tokens": pack_to},
         "dataset_version": dataset.get("version", Path(dataset_dir).name),
         "dataset_path": str(dataset_dir),
+        "tracking": result.tracking,
         **(extra or {}),
         "python": platform.python_version(),
         "libraries": versions,
@@ -697,43 +626,3 @@ def training_record(
         if torch.cuda.is_available()
         else platform.processor() or "cpu",
     }
-
-
-def loss_curve_svg(loss: list[tuple[int, float]], evals: list[tuple[int, float]]) -> str:
-    """A small line chart of the training loss (and eval loss, if any) per step, as SVG."""
-    width, height, pad = 480, 240, 36
-    points = loss + evals
-    if not points:
-        return f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}"/>'
-    max_step = max(s for s, _ in points)
-    low, high = min(v for _, v in points), max(v for _, v in points)
-    span = (high - low) or 1.0
-
-    def xy(step: float, value: float) -> str:
-        x = pad + (width - 2 * pad) * (step / max_step if max_step else 0)
-        y = height - pad - (height - 2 * pad) * (value - low) / span
-        return f"{x:.1f},{y:.1f}"
-
-    def line(series, colour):
-        return f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{" ".join(xy(s, v) for s, v in series)}"/>'
-
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
-        f'<rect width="{width}" height="{height}" fill="white"/>',
-        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#888"/>',
-        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#888"/>',
-        f'<text x="{pad}" y="{pad - 8}">loss {high:.3f}</text>',
-        f'<text x="{pad}" y="{height - pad + 14}">{low:.3f}</text>',
-        f'<text x="{width - pad}" y="{height - pad + 14}" text-anchor="end">step {max_step}</text>',
-        line(loss, "#2563eb"),
-    ]
-    if evals:
-        parts.append(line(evals, "#dc2626"))
-        parts.append(f'<text x="{width - pad}" y="{pad - 8}" text-anchor="end" fill="#dc2626">eval</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes}m{secs:02d}s"

@@ -29,6 +29,7 @@ base_model:
   source: models/tiny-llama
 schedule:
   watch_files: false   # only the backfill starts runs here
+tracking: none  # tracking is tested in test_engine.py and the demo chain
 """
 
 

@@ -28,6 +28,7 @@ training:
   lora: {{r: 4, alpha: 8, target_modules: [q_proj, v_proj]}}
   max_steps: 2
   batch_size: 4
+tracking: none  # tracking is tested in test_engine.py and the demo chain
 """
 
 # A template that writes nothing after an answer: a model trained with it never learns to stop.

@@ -54,6 +54,7 @@ format:
   eval_size: 0.2
 base_model:
   source: {model}
+tracking: none  # tracking is tested in test_engine.py and the demo chain
 """
 TABLES = ("raw_examples", "validated_examples", "quarantine")
 

@@ -180,6 +180,15 @@ def test_demo_chain_publishes_a_model_that_loads_and_generates(
     adapter = latest_metadata(instance, AssetKey(["triage", "adapter"]))
     assert adapter["steps"] == 3 and adapter["trainable_params"] > 0
     assert adapter["packing"] is True and 0.5 < adapter["packing_efficiency"] <= 1
+    # the training is one run in the embedded MLflow store, linked from the adapter's metadata
+    from mlflow.tracking import MlflowClient
+
+    assert adapter["tracking"] == "mlflow" and adapter["tracking_run"].endswith(adapter["tracking_run_id"])
+    client = MlflowClient(tracking_uri=adapter["tracking_store"])
+    run = client.get_run(adapter["tracking_run_id"])
+    assert run.info.run_name == Path(adapter["path"]).name and run.data.tags["pipeline"] == "triage"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
+    assert str(home / "mlflow") in adapter["tracking_store"]
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tuned = PeftModel.from_pretrained(base, adapter["path"])
     assert any("lora_A" in name for name, _ in tuned.named_parameters())

@@ -62,6 +62,7 @@ training:
   max_steps: 2
   batch_size: 4
   log_every: 1
+tracking: none  # tracking is tested in test_engine.py and the demo chain
 """
 
 # A training process that dies while it holds the slot (OOM-killed, the machine rebooted): it claims
@@ -306,3 +307,13 @@ def test_a_killed_training_gives_the_gpu_slot_back_after_its_run_has_ended(
         AssetKey([spec.name, "adapter"])
     ]
     assert holders(instance) == [] and waiting_runs(instance) == []
+
+
+def test_evaluation_and_publishing_share_the_gpu_pool_with_training(training_inputs):
+    """Both load a full-precision model on the training device: run beside another pipeline's
+    training they could run it out of memory."""
+    from assets import pipeline_assets
+
+    pools = {tuple(a.key.path)[-1]: a.op.pool for a in pipeline_assets(training_inputs.spec)}
+    assert pools["adapter"] == pools["evaluation"] == pools["published_model"] == GPU_POOL
+    assert pools["raw_examples"] is None and pools["training_dataset"] is None

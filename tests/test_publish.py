@@ -36,6 +36,7 @@ evaluation:
   gate:
     metric: eval_loss
     min_improvement: 0.1
+tracking: none  # tracking is tested in test_engine.py and the demo chain
 """
 
 
@@ -185,3 +186,28 @@ def test_an_adapter_that_changes_nothing_is_not_published(tiny_model_dir, adapte
         merge_adapter(tiny_model_dir, untrained, models, version, "float32", "# card\n")
     assert (models / LATEST).read_text().strip() == first
     assert sorted(p.name for p in models.iterdir()) == sorted([LATEST, first])
+
+
+def test_a_16_bit_publish_is_held_to_the_adapters_own_effect_against_float32(tiny_model_dir, tmp_path):
+    """Merged in float32, rounded to bfloat16, compared with base plus adapter in float32: an adapter
+    whose effect on the logits is below bf16's rounding is refused in bfloat16 (a 5%-of-the-largest-
+    logit tolerance would have let it through), and published in float32."""
+    from test_evaluate import save_adapter
+
+    from loraflow.base_model import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    strong = save_adapter(tiny_model_dir, tmp_path / "strong", scale=0.05)
+    faint = save_adapter(tiny_model_dir, tmp_path / "faint", scale=1e-4)
+    for folder in (strong, faint):
+        tokenizer.save_pretrained(folder)
+    models = tmp_path / "models"
+
+    published = merge_adapter(tiny_model_dir, strong, models, "strong-bf16", "bfloat16", "# card\n")
+    assert published.merge_mean_abs_diff <= 0.5 * published.adapter_effect == published.merge_tolerance
+    with pytest.raises(MergeError, match=r"in bfloat16 .* more than half of the adapter's own effect"):
+        merge_adapter(tiny_model_dir, faint, models, "faint-bf16", "bfloat16", "# card\n")
+    assert not (models / "faint-bf16").exists()
+    in_float32 = merge_adapter(tiny_model_dir, faint, models, "faint-fp32", "float32", "# card\n")
+    assert in_float32.merge_max_abs_diff <= 1e-3 and in_float32.adapter_effect > 0
+    assert (models / LATEST).read_text().strip() == "faint-fp32"

@@ -49,6 +49,7 @@ evaluation:
 schedule:
   cron: "0 3 * * 1"
   timezone: Europe/Berlin
+tracking: none  # tracking is tested in test_engine.py and the demo chain
 """
 INGEST = [AssetKey(["triage", stage]) for stage in PARTITIONED_STAGES]
 ADAPTER = AssetKey(["triage", "adapter"])

@@ -42,6 +42,7 @@ training:
   batch_size: 4
   learning_rate: 5.0e-3
   log_every: 1
+tracking: none  # tracking is tested in test_engine.py and the demo chain
 """
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # two ranks on a 2-core machine: more threads oversubscribe it
 STEP_LINE = re.compile(r"step (\d+)/4 \| loss [\d.]+ \| lr \S+ \| grad norm [\d.]+ \| \d+ tokens/s")

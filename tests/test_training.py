@@ -114,9 +114,13 @@ def test_an_interrupted_run_resumes_to_the_same_adapter_bit_for_bit(tokenizer, t
     with pytest.raises(KeyboardInterrupt):
         train_adapter(spec, tiny_model_dir, data.path, tmp_path / "resumed", progress=crash_at_step_3)
     checkpoints = tmp_path / "resumed.checkpoints"
-    assert [p.name for p in checkpoints.iterdir()] == ["step-0000002"]
-    state = torch.load(checkpoints / "step-0000002" / "state.pt", weights_only=True)
-    assert state["step"] == 2 and state["optimizer"]["state"]
+    assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-2"]
+    # the Trainer's checkpoint, loadable without unpickling arbitrary objects, and loraflow's marker
+    optimizer = torch.load(checkpoints / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    assert optimizer["state"]
+    marker = json.loads((checkpoints / "checkpoint-2" / "loraflow_checkpoint.json").read_text())
+    assert marker["figures"]["step"] == 2 and len(marker["figures"]["loss_curve"]) == 2
+    assert not list(checkpoints.rglob("*.bin"))  # no pickled training arguments either
 
     resumed = train_adapter(spec, tiny_model_dir, data.path, tmp_path / "resumed")
     assert resumed.resumed_from_step == 2
@@ -248,7 +252,7 @@ def test_a_loss_that_turns_nan_after_a_checkpoint_keeps_it_and_a_rerun_resumes_f
         "The checkpoint at step 2 is kept; re-materializing with the same settings resumes from it" in message
     )
     assert not (tmp_path / "adapter").exists()
-    assert [p.name for p in (tmp_path / "adapter.checkpoints").iterdir()] == ["step-0000002"]
+    assert [p.name for p in (tmp_path / "adapter.checkpoints").iterdir()] == ["checkpoint-2"]
 
     resumed = train_adapter(spec, tiny_model_dir, data.path, tmp_path / "adapter")
     straight = train_adapter(spec, tiny_model_dir, data.path, tmp_path / "straight")
@@ -270,7 +274,7 @@ def test_a_checkpoint_written_under_other_settings_is_never_resumed(
 
     with pytest.raises(KeyboardInterrupt):
         train_adapter(first, tiny_model_dir, data.path, tmp_path / "adapter", progress=stop_at_step_3)
-    assert (tmp_path / "adapter.checkpoints" / "step-0000002").is_dir()
+    assert (tmp_path / "adapter.checkpoints" / "checkpoint-2").is_dir()
 
     other = lora_spec(checkpoint_every=2, max_steps=6, learning_rate=1e-3)
     with caplog.at_level(logging.INFO, logger="loraflow"):

@@ -38,6 +38,7 @@ base_model:
   source: {model}
 schedule:
   watch_files: false   # the test adds the partition and launches the run itself
+tracking: none  # tracking is tested in test_engine.py and the demo chain
 """
 NAME = "triage"
 MODEL = "models/tiny-llama"  # in the project; relative paths resolve against its root

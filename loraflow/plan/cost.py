@@ -44,16 +44,25 @@ class Accelerator:
     """Assumed share of the peak a LoRA training step reaches (hardware FLOPs, recomputation
     included). An assumption, not a measurement, except for the CPU."""
     note: str
+    fp32_flops: float = 0.0
+    """Dense fp32 peak FLOP/s without TF32 (PyTorch's default for matrix products), what a
+    training in float32 gets; 0 means the same as `peak_flops`."""
+
+    def peak(self, dtype: str) -> float:
+        """The peak a training in `dtype` computes at."""
+        return self.fp32_flops if dtype == "float32" and self.fp32_flops else self.peak_flops
 
 
 ACCELERATORS: dict[str, Accelerator] = {
     a.name: a
     for a in (
-        Accelerator("A100", 312e12, 80.0, 0.40, "A100 SXM 80GB, 312 TFLOP/s bf16"),
-        Accelerator("H100", 989e12, 79.6, 0.35, "H100 SXM 80GB, 989 TFLOP/s bf16"),
-        Accelerator("H200", 989e12, 140.4, 0.35, "H200 141GB, the H100's compute with more memory"),
-        Accelerator("L4", 121e12, 22.5, 0.40, "L4 24GB, 121 TFLOP/s bf16"),
-        Accelerator("RTX 4090", 165e12, 24.0, 0.40, "RTX 4090 24GB, 165 TFLOP/s bf16 with fp32 accumulation"),
+        Accelerator("A100", 312e12, 80.0, 0.40, "A100 SXM 80GB, 312 TFLOP/s bf16", 19.5e12),
+        Accelerator("H100", 989e12, 79.6, 0.35, "H100 SXM 80GB, 989 TFLOP/s bf16", 67e12),
+        Accelerator("H200", 989e12, 140.4, 0.35, "H200 141GB, the H100's compute with more memory", 67e12),
+        Accelerator("L4", 121e12, 22.5, 0.40, "L4 24GB, 121 TFLOP/s bf16", 30.3e12),
+        Accelerator(
+            "RTX 4090", 165e12, 24.0, 0.40, "RTX 4090 24GB, 165 TFLOP/s bf16 with fp32 accumulation", 82.6e12
+        ),
         Accelerator(
             "CPU",
             157e9,
@@ -109,6 +118,8 @@ class TimeEstimate:
     hours: float
     price_per_hour: float
     gpus: int = 1
+    peak_flops: float = 0.0
+    """The peak this run's dtype computes at on the accelerator (fp32 trainings get the fp32 one)."""
 
     @property
     def cost(self) -> float:
@@ -118,7 +129,7 @@ class TimeEstimate:
         return (
             f"{_count(self.tokens)} tokens ({_count(self.processed_tokens)} computed with padding) x "
             f"{self.flops.hardware / 1e9:,.2f} GFLOP/token on {self.accelerator.name} at "
-            f"{self.utilisation:.0%} of {self.accelerator.peak_flops / 1e12:,.3g} TFLOP/s: "
+            f"{self.utilisation:.0%} of {(self.peak_flops or self.accelerator.peak_flops) / 1e12:,.3g} TFLOP/s: "
             f"{_duration(self.hours)}, {self.cost:,.2f} at {self.price_per_hour:,.2f}/GPU-hour"
         )
 
@@ -151,8 +162,17 @@ def estimate_time(
     flops = flops_per_token(shape, setup)
     utilisation = accel.utilisation * (QLORA_THROUGHPUT if setup.method == "qlora" else 1.0)
     processed = tokens / max(efficiency, 1e-6)
-    seconds = processed * flops.hardware / (accel.peak_flops * utilisation)
-    return TimeEstimate(tokens, processed, flops, accel, utilisation, seconds / 3600, price_per_hour)
+    seconds = processed * flops.hardware / (accel.peak(setup.dtype) * utilisation)
+    return TimeEstimate(
+        tokens,
+        processed,
+        flops,
+        accel,
+        utilisation,
+        seconds / 3600,
+        price_per_hour,
+        peak_flops=accel.peak(setup.dtype),
+    )
 
 
 # ---------------------------------------------------------------------------------------------

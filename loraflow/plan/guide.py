@@ -115,10 +115,9 @@ def explain_lora(row: dict) -> str:
         f"the CUDA context. {planner[0].upper() + planner[1:]}"
     )
     if held == 8:
-        fp32 = 4 * shape.unquantized_params
         text += (
-            f"; the 8-bit estimate is above the guide's because peft's k-bit preparation keeps the "
-            f"embeddings and head in fp32 ({_gb(fp32)} GB) and makes the activations fp32."
+            f"; the 8-bit estimate is above the guide's by the embeddings and head, which stay in bf16 "
+            f"({_gb(2 * shape.unquantized_params)} GB), the bf16 activations and the CUDA context."
         )
     else:
         text += ": the guide's LoRA figure at this size is a QLoRA figure (its QLoRA 65B breakdown totals 48 GB too)."
@@ -163,14 +162,15 @@ def qlora_65b_lines() -> list[str]:
         f"| total GPU | ~{guide['total GPU']} | {_gb(est.peak)} |",
         "",
         f"- Base: {shape.quantizable_params / 1e9:.1f}B linear weights at 4.127 bits (NF4, double-quantized) are "
-        f"{_gb(shape.quantizable_params * 4.127 / 8)} GB; embeddings, norms and head in fp32 add "
-        f"{_gb(4 * shape.unquantized_params)} GB.",
+        f"{_gb(shape.quantizable_params * 4.127 / 8)} GB; embeddings, norms and head in bf16 add "
+        f"{_gb(2 * shape.unquantized_params)} GB.",
         f"- Optimizer: ~130 GB is two bytes for each of 65B parameters, the size of a 16-bit Adam moment of "
         f"the whole model. LoRA's optimizer covers only the adapters: {est.setup.lora_r and _gb(optimizer)} GB of "
-        f"fp32 moments for r={est.setup.lora_r} on q/k/v/o, small enough to stay on the GPU (paged 8-bit "
-        "optimizers move pages to the CPU only under memory pressure).",
+        f"bf16 moments for r={est.setup.lora_r} on q/k/v/o (TRL keeps a 4-bit model's adapters in bf16), small "
+        "enough to stay on the GPU (paged 8-bit optimizers move pages to the CPU only under memory pressure).",
         f"- Activations: the guide's ~16 GB corresponds, in the planner's model, to about {with_ckpt:,} tokens per "
-        f"step with gradient checkpointing, or {without:,} without (QLoRA's activations are fp32).",
+        f"step with gradient checkpointing, or {without:,} without (QLoRA's activations are bf16: the training "
+        "engine does not upcast a 4-bit model's other weights to fp32).",
     ]
     return lines
 

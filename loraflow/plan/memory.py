@@ -21,17 +21,17 @@ loads quantize, No = N - Nq: embeddings, norms, head; Na: adapter parameters):
                                 `dtype` autocast also keeps a 2·N copy of the weights from the
                                 forward until the backward has used it
     lora, base in `dtype`       N · 2 (bfloat16/float16) or 4 (float32)
-    lora, 8-bit base            Nq · (1 + 4/in) (int8 plus an fp32 scale per output row) + No · 4
+    lora, 8-bit base            Nq · (1 + 4/in) (int8 plus an fp32 scale per output row) + No · d
     qlora (NF4, blocksize 64)   Nq · 4.127/8 with double quantization (4 bits + an 8-bit absmax per
                                 64 weights + an fp32 absmax per 256 blocks: 4 + 8/64 + 32/16384),
-                                Nq · 4.5/8 without (4 + 32/64) + No · 4
-    adapters                    Na · (4 weights + 4 gradients + 8 AdamW) bytes; PEFT keeps adapter
-                                weights in fp32 whatever the base dtype
+                                Nq · 4.5/8 without (4 + 32/64) + No · d
+    adapters                    Na · (a weights + a gradients + 2a AdamW) bytes
 
-No · 4 for 8- and 4-bit bases: peft's prepare_model_for_kbit_training (which loraflow calls)
-casts every 16-bit parameter that is not quantized to fp32. It has a second consequence: the
-embeddings emit fp32, the norms keep fp32, and bitsandbytes' layers hand back their input's dtype,
-so a QLoRA model's activations are fp32 even when `compute_dtype` is bfloat16.
+d is the dtype's size: the training engine loads the parts an 8- or 4-bit base does not quantize
+(embeddings, norms, head) in the training dtype and does not upcast them, so the residual stream
+and the activations are in that dtype too. a, the adapters' size, is 4 (PEFT keeps adapters in
+fp32 on a 16-bit base) except for QLoRA in a 16-bit dtype, whose adapters TRL's SFTTrainer keeps
+in bf16 (the QLoRA paper's choice), moments and gradients with them.
 
 8-bit optimizers (bitsandbytes) keep both moments in 8 bits with an fp32 absmax per 256 values:
 2 + 8/256 bytes per parameter; tensors under 4,096 values keep fp32 moments. `paged_adamw_8bit`
@@ -56,6 +56,16 @@ Phase = Literal["always", "backward", "step", "backward+step"]
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ADAPTER_BYTES = 4  # PEFT casts adapter weights to fp32 (autocast_adapter_dtype) on 16-bit bases
+
+
+def adapter_bytes(setup: Setup) -> int:
+    """Bytes per adapter weight (and its gradient, and each AdamW moment): fp32, except QLoRA in a
+    16-bit dtype, whose adapters TRL's SFTTrainer casts to bf16."""
+    if setup.method == "qlora" and setup.dtype != "float32":
+        return 2
+    return ADAPTER_BYTES
+
+
 NF4_BLOCK = 64
 NF4_SECOND_BLOCK = 256
 OPTIM8_BLOCK = 256
@@ -83,6 +93,10 @@ activation is mapped and unmapped, and resident memory follows the live bytes: t
 adds nothing."""
 
 GLIBC_MMAP_THRESHOLD_MAX = 32 * MIB
+
+FUSED_HEAD_TOKENS = 4096
+FUSED_HEAD_VOCAB = 32768
+"""The tile TRL's fused LM head projects at a time on a GPU (tokens x vocabulary entries)."""
 
 GPU_CONTEXT_BYTES = 512 * MIB
 """The CUDA context, cuBLAS workspaces and kernels of a PyTorch process: about 0.5 GiB on recent
@@ -337,11 +351,12 @@ def layer_activation_terms(shape: ModelShape, setup: Setup) -> dict[str, float]:
 
     - RMSNorm (twice): its input upcast to fp32 (4h each; for a fp32 stream it is the stream
       itself) and 1/rms (4 bytes). With a trainable norm weight (full) also its normalized output.
+      The stream is in the training dtype, for 8- and 4-bit bases too (nothing is upcast).
     - A frozen linear layer keeps nothing of its input (its input gradient needs only the weight);
       a trainable one keeps its input. An adapted one keeps, for its A matrix, its input as the
       adapter sees it: a dropped-out copy plus the dropout mask when dropout > 0, else an fp32 copy
-      when the input is 16-bit (the adapters are fp32), else the input itself (shared by q, k, v
-      and by gate, up). Its A output (r values) is kept for B.
+      when the input is 16-bit and the adapters fp32, else the input itself (shared by q, k, v and
+      by gate, up). Its A output (r values) is kept for B.
     - Attention: q and k after the rotary embedding, v, the output and the log-sum-exp (fp32 per
       head). With a mask, sdpa needs k and v repeated to all q heads (grouped-query models), and
       keeps the mask (n per token). Eager attention keeps the probabilities (fp32 softmax output
@@ -351,22 +366,16 @@ def layer_activation_terms(shape: ModelShape, setup: Setup) -> dict[str, float]:
 
     tests/test_plan.py checks these terms against the tensors autograd saves
     (torch.autograd.graph.saved_tensors_hooks) in a real layer: LoRA on q/v, q/k/v/o and all-linear,
-    with and without dropout, fp32 and bf16, with a padding mask. QLoRA's layer (fp32 stream, frozen
-    4-bit projections that keep nothing) saves the same bytes as fp32 LoRA, checked the same way.
+    with and without dropout, fp32 and bf16, with a padding mask. QLoRA's layer (frozen 4-bit
+    projections that keep nothing) saves the same bytes as LoRA in its dtype, checked the same way in fp32.
     The dropout mask is taken as 1 byte on a GPU (a bool mask); on a CPU it is a full-width tensor.
     """
     h, q, kv, i_dim = shape.hidden_size, shape.q_dim, shape.kv_dim, shape.intermediate_size
     full = setup.method == "full"
-    quantized = setup.bits <= 8 and not full
     compute = DTYPE_BYTES[setup.dtype]
     # s: the residual stream and norm outputs; t: linear outputs (q, k, v, attention, MLP)
-    if full:
-        s, t = 4, compute
-    elif quantized:
-        s = t = 4
-    else:
-        s = t = compute
-    adapter = ADAPTER_BYTES
+    s, t = (4, compute) if full else (compute, compute)
+    adapter = adapter_bytes(setup)
     mask_byte = 1 if setup.device == "cuda" else adapter  # CUDA dropout masks are bool
     targets = set(setup.targets(shape))
     terms: dict[str, float] = {"norm inputs (fp32) and 1/rms": 2 * 4 * h + 8}
@@ -424,10 +433,13 @@ def _activation_items(shape: ModelShape, setup: Setup) -> tuple[list[Item], int]
     """The activation items of one step: the layers' stash (or, with checkpointing, the layer
     inputs plus one recomputed layer), the loss over the vocabulary, and the backward's working set.
 
-    - Loss: the head's logits for every trained token, in fp32 for the cross-entropy; at the start
-      of the backward pass three such buffers exist at once (log-softmax's saved output, the
-      gradient coming in, the gradient going out): 12·V bytes per trained token. For a small model
-      with a large vocabulary this is the largest activation.
+    - Loss: on a CPU, loraflow runs the head on the trained tokens and the cross-entropy on their
+      fp32 logits; at the start of the backward pass three such buffers exist at once (log-softmax's
+      saved output, the gradient coming in, the gradient going out): 12·V bytes per trained token.
+      For a small model with a large vocabulary this is the largest activation. On a GPU, TRL's
+      fused head projects the trained tokens in tiles of 4,096 tokens x 32,768 vocabulary entries
+      (in the compute dtype) and keeps an fp32 gradient of the head's input: one tile plus 4·h
+      bytes per trained token.
     - Backward working set: while one layer is differentiated, the gradients of its MLP
       intermediates (3·I per token); the larger of this and the loss buffers counts, as they are
       not alive together. QLoRA adds one dequantized weight (the largest linear layer) at a time.
@@ -443,11 +455,24 @@ def _activation_items(shape: ModelShape, setup: Setup) -> tuple[list[Item], int]
     full = setup.method == "full"
     quantized = setup.bits <= 8 and not full
     compute = DTYPE_BYTES[setup.dtype]
-    stream = 4 if (full or quantized) else compute
+    stream = 4 if full else compute
     t = compute if full else stream
     h, vocab = shape.hidden_size, shape.vocab_size
     logit_tokens = max(1, round(tokens * setup.trained_fraction))
-    loss_bytes = 12 * vocab * logit_tokens
+    fused = setup.device == "cuda" and not full
+    if fused:  # TRL's tiled head (see above)
+        loss_bytes = (
+            compute * min(logit_tokens, FUSED_HEAD_TOKENS) * min(vocab, FUSED_HEAD_VOCAB)
+            + 4 * h * logit_tokens
+        )
+    else:
+        loss_bytes = 12 * vocab * logit_tokens
+    loss_how = (
+        f"a {min(logit_tokens, FUSED_HEAD_TOKENS):,} x {min(vocab, FUSED_HEAD_VOCAB):,} tile of the fused head "
+        f"+ 4·{h} x {logit_tokens:,} trained tokens"
+        if fused
+        else f"12 bytes x vocab {vocab:,} x {logit_tokens:,} trained tokens"
+    )
     working = 3 * t * shape.intermediate_size * tokens
     if quantized:
         working += compute * max(i * o for i, o in shape.linears().values())
@@ -482,7 +507,7 @@ def _activation_items(shape: ModelShape, setup: Setup) -> tuple[list[Item], int]
                 round(max(layer, loss_bytes)),
                 "backward",
                 f"max(one layer's stash {per_layer:,.0f} B/token x {tokens:,} + working set "
-                f"{working / MIB:,.1f} MiB, loss 12·{vocab:,}·{logit_tokens:,} trained tokens)",
+                f"{working / MIB:,.1f} MiB, loss: {loss_how})",
             )
         )
         return items, round(heap)
@@ -507,7 +532,7 @@ def _activation_items(shape: ModelShape, setup: Setup) -> tuple[list[Item], int]
             "loss over the vocabulary, or the backward working set",
             max(loss_bytes, working),
             "backward",
-            f"max(12 bytes x vocab {vocab:,} x {logit_tokens:,} trained tokens, "
+            f"max({loss_how}, "
             f"MLP gradients 3·{t}·{shape.intermediate_size} x {tokens:,} tokens"
             + (", + one dequantized weight" if quantized else "")
             + ")",
@@ -607,10 +632,10 @@ def _weight_items(shape: ModelShape, setup: Setup) -> list[Item]:
         Item("weights", f"{bits}-bit linear weights", quantized, "always", how),
         Item(
             "weights",
-            "embeddings, norms, head in fp32",
-            4 * no,
+            f"embeddings, norms, head in {setup.dtype}",
+            DTYPE_BYTES[setup.dtype] * no,
             "always",
-            f"{no / 1e9:.3f}B params x 4 bytes (prepare_model_for_kbit_training upcasts them)",
+            f"{no / 1e9:.3f}B params x {DTYPE_BYTES[setup.dtype]} bytes (not quantized, not upcast)",
         ),
     ]
 
@@ -618,7 +643,9 @@ def _weight_items(shape: ModelShape, setup: Setup) -> list[Item]:
 def _optimizer_bytes(sizes: list[int], setup: Setup) -> tuple[int, str]:
     trainable = sum(sizes)
     if setup.optimizer == "adamw":
-        return 8 * trainable, f"{trainable:,} trainable x 8 bytes (two fp32 moments)"
+        a = adapter_bytes(setup) if setup.method != "full" else 4
+        kind = "fp32" if a == 4 else "bf16"
+        return 2 * a * trainable, f"{trainable:,} trainable x {2 * a} bytes (two {kind} moments)"
     small = sum(size for size in sizes if size < OPTIM8_MIN_SIZE)
     large = trainable - small
     states = round(large * (2 + 8 / OPTIM8_BLOCK)) + 8 * small
@@ -635,10 +662,14 @@ def _mapped_checkpoint(shape: ModelShape, setup: Setup) -> list[Item]:
     which the kernel can drop under pressure, but resident memory counts them)."""
     if setup.method == "full" or not shape.checkpoint_bytes:
         return []
-    load_dtype = "float32" if setup.bits <= 8 else setup.dtype  # k-bit preparation upcasts to fp32
+    load_dtype = setup.dtype
     if shape.checkpoint_dtype == load_dtype and setup.bits > 8:
         return []  # every weight is used in place
-    in_place = 4 * shape.unquantized_params if shape.checkpoint_dtype == "float32" and setup.bits <= 8 else 0
+    in_place = (
+        DTYPE_BYTES[load_dtype] * shape.unquantized_params
+        if shape.checkpoint_dtype == load_dtype and setup.bits <= 8
+        else 0
+    )
     return [
         Item(
             "overhead",
@@ -646,7 +677,7 @@ def _mapped_checkpoint(shape: ModelShape, setup: Setup) -> list[Item]:
             max(0, shape.checkpoint_bytes - in_place),
             "always",
             "the safetensors files stay mapped after the load converted or quantized them"
-            + (", less the fp32 tensors used in place" if in_place else ""),
+            + (f", less the {load_dtype} tensors used in place" if in_place else ""),
         )
     ]
 
@@ -673,37 +704,43 @@ def estimate_memory(shape: ModelShape, setup: Setup) -> MemoryEstimate:
                     f"{copies:,} params x 4 bytes",
                 )
             )
+        a = adapter_bytes(setup)
         items.append(
             Item(
                 "lora",
-                "adapter weights (fp32)",
-                ADAPTER_BYTES * (trainable - copies),
+                f"adapter weights ({'fp32' if a == 4 else 'bf16'})",
+                a * (trainable - copies),
                 "always",
                 f"{trainable - copies:,} params = {shape.num_layers} layers x r={setup.lora_r} x (in + out) of "
-                f"{', '.join(setup.targets(shape))}, x 4 bytes",
+                f"{', '.join(setup.targets(shape))}, x {a} bytes",
             )
         )
+    grad = 4 if full else adapter_bytes(setup)
     items.append(
         Item(
             "gradients",
-            "fp32 gradients of the trainable weights",
-            4 * trainable,
+            f"{'fp32' if grad == 4 else 'bf16'} gradients of the trainable weights",
+            grad * trainable,
             "step" if full else "backward+step",
-            f"{trainable:,} x 4 bytes"
+            f"{trainable:,} x {grad} bytes"
             + (" (they grow while the activations are freed; counted at the step)" if full else ""),
         )
     )
     states, how = _optimizer_bytes(sizes, setup)
     items.append(Item("optimizer", f"{setup.optimizer} states", states, "always", how))
     if setup.optimizer == "adamw":
+        a = 4 if full else adapter_bytes(setup)
         if setup.device == "cuda":
             step_buffer, how = (
-                4 * trainable,
-                f"{trainable:,} x 4 bytes: foreach AdamW's sqrt(v) for all at once",
+                a * trainable,
+                f"{trainable:,} x {a} bytes: AdamW's sqrt(v) for all at once",
             )
         else:
             largest = max(sizes)
-            step_buffer, how = 4 * largest, "4 bytes x the largest trainable tensor (AdamW's loop on a CPU)"
+            step_buffer, how = (
+                a * largest,
+                f"{a} bytes x the largest trainable tensor (AdamW's loop on a CPU)",
+            )
         items.append(Item("optimizer", "AdamW step buffer", step_buffer, "step", how))
     activation_items, heap_activations = _activation_items(shape, setup)
     items += activation_items

@@ -9,6 +9,7 @@ from loraflow.plan.cost import TimeEstimate, dataset_summary, estimate_time, pad
 from loraflow.plan.memory import MemoryEstimate, Setup, estimate_memory
 from loraflow.plan.preflight import FreeMemory, free_memory, preflight
 from loraflow.plan.shapes import ModelShape, PlanError
+from loraflow.runtime import installed, resolve_dtypes
 from loraflow.spec import PipelineSpec, TrainingSpec
 
 FULL_COPY_MODULES = ("lm_head", "embed_tokens")
@@ -39,9 +40,15 @@ def setup_from_training(
             f"{' and '.join(FULL_COPY_MODULES)} only"
         )
     qlora = training.method == "qlora"
+    device = device or default_device()
+    dtype, compute = resolve_dtypes(training, device)  # `auto` as it resolves on that device
+    attention = training.attn_implementation
+    if attention == "auto":
+        fast = device == "cuda" and installed("flash_attn") and (compute or dtype) != "float32"
+        attention = "flash_attention_2" if fast else "sdpa"
     return Setup(
         method=training.method,
-        dtype=training.quantization.compute_dtype if qlora else training.dtype,
+        dtype=compute if qlora else dtype,
         double_quant=training.quantization.double_quant if qlora else True,
         lora_r=lora.r,
         target_modules=("all-linear",) if lora.target_modules == "all-linear" else tuple(lora.target_modules),
@@ -54,9 +61,9 @@ def setup_from_training(
         gradient_checkpointing=training.gradient_checkpointing,
         packing=packing,
         padded=padded or packing,
-        attention=training.attn_implementation,
+        attention=attention,
         trained_fraction=trained_fraction,
-        device=device or default_device(),
+        device=device,
     )
 
 
