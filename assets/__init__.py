@@ -14,6 +14,7 @@ from assets.base_model import build_base_model
 from assets.dataset import build_training_dataset
 from assets.evaluation import build_evaluation
 from assets.ingestion import build_raw_examples, source_partitions
+from assets.keys import PARTITIONED_STAGES, STAGES, asset_key, downstream_of_ingestion, keys, stages_of
 from assets.publish import build_hub_model, build_published_model
 from assets.training import build_adapter
 from assets.validation import build_validated_examples
@@ -25,9 +26,6 @@ warnings.filterwarnings("ignore", message=r"Parameter `data_version`", category=
 warnings.filterwarnings("ignore", message=r"Parameter `backfill_policy`", category=BetaWarning)
 # Per-tensor loading bars are unreadable in a run's log; progress is logged with rates instead.
 transformers_logging.disable_progress_bar()
-
-PARTITIONED_STAGES = ("raw_examples", "validated_examples")
-STAGES = ("base_model", *PARTITIONED_STAGES, "training_dataset", "adapter", "evaluation", "published_model")
 
 
 def pipeline_assets(spec: PipelineSpec) -> list[AssetsDefinition]:
@@ -45,4 +43,13 @@ def pipeline_assets(spec: PipelineSpec) -> list[AssetsDefinition]:
     ]
 
 
-__all__ = ["PARTITIONED_STAGES", "STAGES", "pipeline_assets", "source_partitions"]
+__all__ = [
+    "PARTITIONED_STAGES",
+    "STAGES",
+    "asset_key",
+    "downstream_of_ingestion",
+    "keys",
+    "pipeline_assets",
+    "source_partitions",
+    "stages_of",
+]

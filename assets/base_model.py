@@ -1,7 +1,8 @@
 """`base_model`: the model to fine-tune, as a local folder of safetensors, versioned by content."""
 
-from dagster import AssetExecutionContext, AssetKey, DataVersion, MetadataValue, Output, asset
+from dagster import AssetExecutionContext, DataVersion, MetadataValue, Output, asset
 
+from assets.keys import asset_key
 from loraflow.base_model import resolve_base_model
 from loraflow.spec import PipelineSpec
 from resources import ArtifactStore
@@ -9,7 +10,7 @@ from resources import ArtifactStore
 
 def build_base_model(spec: PipelineSpec):
     @asset(
-        key=AssetKey([spec.name, "base_model"]),
+        key=asset_key(spec, "base_model"),
         group_name=spec.name,
         kinds={"huggingface"},
         code_version=spec.section_version("base_model"),

@@ -8,7 +8,6 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     AssetIn,
-    AssetKey,
     AutomationCondition,
     DataVersion,
     Failure,
@@ -18,6 +17,7 @@ from dagster import (
 )
 
 from assets.ingestion import source_partitions
+from assets.keys import asset_key
 from assets.training_inputs import format_version, validated_versions
 from loraflow.base_model import load_tokenizer, tokenizer_hash
 from loraflow.dataset import (
@@ -101,7 +101,7 @@ def dataset_checks(summary: DatasetSummary, mismatched: list[str], total: int) -
 
 
 def build_training_dataset(spec: PipelineSpec):
-    key = AssetKey([spec.name, "training_dataset"])
+    key = asset_key(spec, "training_dataset")
 
     def check(name: str, description: str, blocking: bool = True) -> AssetCheckSpec:
         return AssetCheckSpec(name, asset=key, blocking=blocking, description=description)
@@ -110,8 +110,8 @@ def build_training_dataset(spec: PipelineSpec):
         key=key,
         group_name=spec.name,
         kinds={"parquet"},
-        deps=[AssetKey([spec.name, "validated_examples"])],
-        ins={"base_model": AssetIn(AssetKey([spec.name, "base_model"]))},
+        deps=[asset_key(spec, "validated_examples")],
+        ins={"base_model": AssetIn(asset_key(spec, "base_model"))},
         code_version=format_version(spec),
         # after new validated data, once no file is still being ingested: a burst of files formats once
         automation_condition=AutomationCondition.eager(),

@@ -8,12 +8,12 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     AssetIn,
-    AssetKey,
     MetadataValue,
     Output,
     asset,
 )
 
+from assets.keys import asset_key
 from assets.training import GPU_POOL
 from loraflow.artifacts import write_json_atomic, write_text_atomic
 from loraflow.evaluate import evaluate_adapter
@@ -26,7 +26,7 @@ GATE = "gate"
 
 
 def build_evaluation(spec: PipelineSpec):
-    key = AssetKey([spec.name, "evaluation"])
+    key = asset_key(spec, "evaluation")
     gate = spec.evaluation.gate
 
     @asset(
@@ -36,9 +36,9 @@ def build_evaluation(spec: PipelineSpec):
         pool=GPU_POOL,
         kinds={"pytorch"},
         ins={
-            "adapter": AssetIn(AssetKey([spec.name, "adapter"])),
-            "training_dataset": AssetIn(AssetKey([spec.name, "training_dataset"])),
-            "base_model": AssetIn(AssetKey([spec.name, "base_model"])),
+            "adapter": AssetIn(asset_key(spec, "adapter")),
+            "training_dataset": AssetIn(asset_key(spec, "training_dataset")),
+            "base_model": AssetIn(asset_key(spec, "base_model")),
         },
         code_version=spec.section_version("evaluation"),
         description="Base and tuned model side by side on held-out examples: loss and perplexity on assistant "

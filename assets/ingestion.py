@@ -2,7 +2,6 @@
 
 from dagster import (
     AssetExecutionContext,
-    AssetKey,
     BackfillPolicy,
     DataVersion,
     DynamicPartitionsDefinition,
@@ -11,6 +10,7 @@ from dagster import (
     asset,
 )
 
+from assets.keys import asset_key
 from loraflow.ingest import IngestError, ingest_file
 from loraflow.spec import PipelineSpec
 from resources import Warehouse
@@ -39,7 +39,7 @@ def partition_source(spec: PipelineSpec, partition: str):
 
 def build_raw_examples(spec: PipelineSpec, partitions: DynamicPartitionsDefinition):
     @asset(
-        key=AssetKey([spec.name, "raw_examples"]),
+        key=asset_key(spec, "raw_examples"),
         group_name=spec.name,
         kinds={"duckdb"},
         partitions_def=partitions,

@@ -1,6 +1,7 @@
 """`published_model`: the adapter merged into a full-precision base, with a model card and lineage."""
 
 import subprocess
+from dataclasses import asdict
 from pathlib import Path
 
 from dagster import (
@@ -8,7 +9,6 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     AssetIn,
-    AssetKey,
     DataVersion,
     Failure,
     MetadataValue,
@@ -16,11 +16,19 @@ from dagster import (
     asset,
 )
 
+from assets.keys import asset_key
 from assets.training import GPU_POOL
 from loraflow.base_model import BUILTIN_HUB_IDS, BUILTIN_LICENSES, load_tokenizer
 from loraflow.dataset import load_split
 from loraflow.formatting import render
-from loraflow.merge import MergeError, merge_adapter, publish_dtype, publish_version
+from loraflow.merge import (
+    MergeError,
+    merge_in_memory,
+    merge_verdict,
+    publish_dtype,
+    publish_version,
+    write_published,
+)
 from loraflow.model_card import render_model_card
 from loraflow.spec import PipelineSpec
 from loraflow.validate import source_lineage
@@ -46,7 +54,7 @@ def probe_prompts(dataset_dir: Path, tokenizer, n: int = 3) -> list[str]:
 
 
 def build_published_model(spec: PipelineSpec):
-    key = AssetKey([spec.name, "published_model"])
+    key = asset_key(spec, "published_model")
 
     @asset(
         key=key,
@@ -55,10 +63,10 @@ def build_published_model(spec: PipelineSpec):
         pool=GPU_POOL,
         kinds={"safetensors"},
         ins={
-            "adapter": AssetIn(AssetKey([spec.name, "adapter"])),
-            "evaluation": AssetIn(AssetKey([spec.name, "evaluation"])),
-            "training_dataset": AssetIn(AssetKey([spec.name, "training_dataset"])),
-            "base_model": AssetIn(AssetKey([spec.name, "base_model"])),
+            "adapter": AssetIn(asset_key(spec, "adapter")),
+            "evaluation": AssetIn(asset_key(spec, "evaluation")),
+            "training_dataset": AssetIn(asset_key(spec, "training_dataset")),
+            "base_model": AssetIn(asset_key(spec, "base_model")),
         },
         code_version=spec.section_version("publish"),
         description=f"The adapter merged into the base in {spec.publish.dtype} (auto: the base checkpoint's dtype), saved as safetensors with the "
@@ -104,17 +112,29 @@ def build_published_model(spec: PipelineSpec):
         version = publish_version(Path(adapter["path"]), base_model["content_hash"], dtype)
         tokenizer = load_tokenizer(Path(adapter["path"]), base_model["trust_remote_code"])
         probes = probe_prompts(Path(training_dataset["path"]), tokenizer)
+        merged = merge_in_memory(
+            Path(base_model["path"]),
+            Path(adapter["path"]),
+            dtype,
+            base_model["trust_remote_code"],
+            probes=probes or None,
+        )
+        verdict = merge_verdict(merged.fidelity, spec.publish.merge_tolerance)
+        figures = {**asdict(merged.fidelity), "tolerance": verdict.tolerance}
+        if not verdict.passed:
+            # the check reports the verdict with its numbers; publishing stops before anything is written
+            yield AssetCheckResult(
+                check_name="merge_fidelity", passed=False, metadata=figures, description=verdict.describe()
+            )
+            raise Failure(description=f"pipeline {spec.name!r}: {verdict.describe()}; nothing was published")
         try:
-            result = merge_adapter(
-                Path(base_model["path"]),
+            result = write_published(
+                merged,
                 Path(adapter["path"]),
                 store.folder("models", spec.name),
                 version,
-                dtype,
                 card,
                 base_model["trust_remote_code"],
-                probes=probes or None,
-                tolerance=spec.publish.merge_tolerance,
                 record={
                     "pipeline": spec.name,
                     "adapter_version": adapter["version"],
@@ -123,8 +143,12 @@ def build_published_model(spec: PipelineSpec):
                     "dataset_version": training_dataset["version"],
                     "metrics": evaluation["tuned"],
                 },
+                verdict=verdict,
             )
         except MergeError as err:
+            yield AssetCheckResult(
+                check_name="merge_fidelity", passed=False, metadata=figures, description=str(err)
+            )
             raise Failure(description=f"pipeline {spec.name!r}: {err}") from None
         context.log.info("published %s at %s", version, result.path)
         yield Output(
@@ -141,14 +165,11 @@ def build_published_model(spec: PipelineSpec):
         )
         yield AssetCheckResult(
             check_name="merge_fidelity",
-            passed=True,  # merge_adapter refuses to publish otherwise
+            passed=True,
             metadata={
-                "merge_max_abs_diff": result.merge_max_abs_diff,
-                "merge_mean_abs_diff": result.merge_mean_abs_diff,
-                "adapter_effect": result.adapter_effect,
-                "tolerance": result.merge_tolerance,
+                **figures,
                 "reload_max_abs_diff": result.reload_max_abs_diff,
-                "probe_prompts": len(probes) or 1,
+                "probe_prompts": merged.fidelity.probes,
             },
         )
 
@@ -163,10 +184,10 @@ def build_hub_model(spec: PipelineSpec):
     """
 
     @asset(
-        key=AssetKey([spec.name, "hub_model"]),
+        key=asset_key(spec, "hub_model"),
         group_name=spec.name,
         kinds={"huggingface"},
-        ins={"published_model": AssetIn(AssetKey([spec.name, "published_model"]))},
+        ins={"published_model": AssetIn(asset_key(spec, "published_model"))},
         code_version=spec.section_version("publish"),
         description=f"The published model uploaded to {spec.publish.hub_repo} on the Hugging Face Hub "
         f"({'private' if spec.publish.hub_private else 'public'} when created), one commit per version.",

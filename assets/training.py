@@ -3,8 +3,9 @@
 import hashlib
 import json
 
-from dagster import AssetExecutionContext, AssetIn, AssetKey, DataVersion, MetadataValue, Output, asset
+from dagster import AssetExecutionContext, AssetIn, DataVersion, MetadataValue, Output, asset
 
+from assets.keys import asset_key
 from assets.training_inputs import FINGERPRINT_KEY, INPUTS_KEY, fingerprint, training_inputs, training_version
 from loraflow.artifacts import folder_sha256
 from loraflow.plan.memory import GIB
@@ -23,7 +24,7 @@ def loss_table(loss: list, evals: list, rows: int = 40) -> str:
     every = max(1, len(loss) // rows)
     shown = [point for i, point in enumerate(loss) if i % every == 0 or i == len(loss) - 1]
     by_step = dict(evals)
-    lines = ["| step | train loss | eval loss |", "|---|---|---|"]
+    lines = ["| step | train loss | training eval loss |", "|---|---|---|"]
     lines += [f"| {step} | {value:.4f} | {by_step.get(step, '')} |" for step, value in shown]
     return "\n".join(lines)
 
@@ -54,13 +55,13 @@ def plan_metadata(estimate) -> dict:
 
 def build_adapter(spec: PipelineSpec):
     @asset(
-        key=AssetKey([spec.name, "adapter"]),
+        key=asset_key(spec, "adapter"),
         group_name=spec.name,
         kinds={"pytorch", "peft"},
         pool=GPU_POOL,
         ins={
-            "training_dataset": AssetIn(AssetKey([spec.name, "training_dataset"])),
-            "base_model": AssetIn(AssetKey([spec.name, "base_model"])),
+            "training_dataset": AssetIn(asset_key(spec, "training_dataset")),
+            "base_model": AssetIn(asset_key(spec, "base_model")),
         },
         code_version=training_version(spec),
         description=f"A {spec.training.method.upper()} adapter (r={spec.training.lora.r}) trained on the "
@@ -148,8 +149,8 @@ def build_adapter(spec: PipelineSpec):
         }
         optional = {
             "packing_efficiency": result.packing_efficiency,
-            "final_eval_loss": result.final_eval_loss,
-            "best_eval_loss": result.best_eval_loss,
+            "final_training_eval_loss": result.final_training_eval_loss,
+            "best_training_eval_loss": result.best_training_eval_loss,
         }
         return Output(
             manifest,

@@ -13,6 +13,7 @@ import json
 
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
 
+from assets.keys import asset_key
 from loraflow.spec import PipelineSpec
 
 FINGERPRINT_KEY = "training_inputs"
@@ -37,7 +38,7 @@ def validated_versions(
 ) -> dict[str, str]:
     """Partition -> data version of its newest validated_examples materialization, for those of
     `partitions` that were ever validated."""
-    key = AssetKey([spec.name, "validated_examples"])
+    key = asset_key(spec, "validated_examples")
     versions = {}
     for partition in sorted(partitions):
         version = data_version_of(latest_materialization(instance, key, partition))

@@ -6,7 +6,6 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     AssetIn,
-    AssetKey,
     AssetRecordsFilter,
     AutomationCondition,
     DataVersion,
@@ -20,6 +19,7 @@ from dagster import (
 )
 
 from assets.ingestion import PER_FILE, partition_source
+from assets.keys import asset_key
 from loraflow.base_model import load_tokenizer
 from loraflow.expectations import run_suite
 from loraflow.spec import PipelineSpec
@@ -30,6 +30,7 @@ from loraflow.validate import (
     partition_counts,
     quarantine_sample,
     record_schema,
+    schema_drift,
     valid_sample,
     validate_partition,
     validated_fingerprint,
@@ -46,19 +47,8 @@ def _md_table(header: tuple[str, ...], rows: list[tuple]) -> str:
     return "\n".join(lines)
 
 
-def _schema_drift(previous: dict | None, current: dict[str, str]) -> dict[str, list[str]]:
-    if previous is None:
-        return {}
-    drift = {
-        "added": sorted(set(current) - set(previous)),
-        "removed": sorted(set(previous) - set(current)),
-        "changed_type": sorted(k for k in set(current) & set(previous) if current[k] != previous[k]),
-    }
-    return {k: v for k, v in drift.items() if v}
-
-
 def build_validated_examples(spec: PipelineSpec, partitions: DynamicPartitionsDefinition):
-    key = AssetKey([spec.name, "validated_examples"])
+    key = asset_key(spec, "validated_examples")
     quality = spec.quality
     threshold = quality.max_invalid_fraction
 
@@ -82,7 +72,7 @@ def build_validated_examples(spec: PipelineSpec, partitions: DynamicPartitionsDe
             raise Failure(description=f"{path}: {err}") from None
         suite = run_suite(frame, quality, PII_PATTERNS)
         fraction = result.invalid_fraction
-        drift = _schema_drift(previous_schema, fields)
+        drift = schema_drift(previous_schema, fields)
         context.log.info(
             "%s (%s): %d raw = %d valid + %d quarantined", partition, result.schema, raw, valid, quarantined
         )
@@ -149,7 +139,7 @@ def build_validated_examples(spec: PipelineSpec, partitions: DynamicPartitionsDe
         group_name=spec.name,
         kinds={"duckdb", "great_expectations"},
         partitions_def=partitions,
-        deps=[AssetKey([spec.name, "raw_examples"])],
+        deps=[asset_key(spec, "raw_examples")],
         code_version=spec.section_version("data", "quality"),
         # a file's raw rows re-ingested on their own (from the UI) are re-validated
         automation_condition=AutomationCondition.eager(),
@@ -186,7 +176,7 @@ def build_validated_examples(spec: PipelineSpec, partitions: DynamicPartitionsDe
 
     else:
 
-        @asset(**common, ins={"base_model": AssetIn(AssetKey([spec.name, "base_model"]))})
+        @asset(**common, ins={"base_model": AssetIn(asset_key(spec, "base_model"))})
         def validated_examples(
             context: AssetExecutionContext, warehouse: Warehouse, base_model: dict
         ) -> MaterializeResult:

@@ -21,7 +21,11 @@ def save_loss_curve(
         )
     if evals:
         axes.plot(
-            [s for s, _ in evals], [v for _, v in evals], label="eval loss", color="#dc2626", marker="o"
+            [s for s, _ in evals],
+            [v for _, v in evals],
+            label="held-out loss (training_eval_loss)",
+            color="#dc2626",
+            marker="o",
         )
     axes.set_xlabel("step")
     axes.set_ylabel("loss per trained token")

@@ -15,7 +15,8 @@ accelerate, clipping, checkpoints, the tracker's callbacks). loraflow adds what 
 - the step's figures: the exact loss of each optimizer step (summed across ranks), tokens/s, ETA,
   a NaN check that names the last checkpoint, and a `progress` callback, after the step's
   evaluation and checkpoint;
-- the eval loss as a mean over trained tokens, on every rank's own device.
+- the training's own held-out loss (`training_eval_loss`, on up to 256 eval rows: not the
+  evaluation asset's `eval_loss`) as a mean over trained tokens, on every rank's own device.
 """
 
 from __future__ import annotations
@@ -247,7 +248,8 @@ class LoraflowTrainer(SFTTrainer):
         value = total / max(1.0, count)
         step = self.state.global_step
         self.eval_curve = [point for point in self.eval_curve if point[0] != step] + [(step, round(value, 6))]
-        metrics = {f"{metric_key_prefix}_loss": value}
+        # not "eval_loss": the evaluation asset's eval_loss is another figure, on its own examples
+        metrics = {"training_eval_loss": value}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         if self._pending is not None and self._pending["emit"] == "eval":
@@ -314,7 +316,7 @@ class LoraflowTrainer(SFTTrainer):
                 figures["grad_norm"] or 0.0,
                 rate,
                 duration(eta),
-                f" | eval loss {eval_loss:.4f}" if eval_loss is not None else "",
+                f" | held-out loss {eval_loss:.4f}" if eval_loss is not None else "",
             )
             self._window_start, self._window_tokens = now, 0
         if self.progress is not None and self.is_world_process_zero():
@@ -328,7 +330,7 @@ class LoraflowTrainer(SFTTrainer):
                     "tokens_seen": self.tokens_seen,
                     "tokens_per_second": (self.tokens_seen - self._tokens_at_start)
                     / max(now - self._started, 1e-9),
-                    "eval_loss": eval_loss,
+                    "training_eval_loss": eval_loss,
                 }
             )
 

@@ -84,6 +84,199 @@ def published_record(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+@dataclass(frozen=True)
+class MergeFidelity:
+    """How the merged model compares with base plus adapter (in float32) and with the base, on the probes."""
+
+    dtype: str
+    merge_max_abs_diff: float
+    merge_mean_abs_diff: float
+    adapter_effect: float
+    """Mean logit difference between base plus adapter and the base, both in float32."""
+    changed: bool
+    """Whether the merged model's logits differ from the base's (in the publish dtype)."""
+    probes: int
+
+
+@dataclass(frozen=True)
+class MergeVerdict:
+    passed: bool
+    tolerance: float
+    """The largest difference allowed (float32, or publish.merge_tolerance), or the mean difference
+    allowed (16-bit dtypes: half of the adapter's effect)."""
+    failures: list[str]
+
+    def describe(self) -> str:
+        return "; ".join(self.failures)
+
+
+def merge_verdict(fidelity: MergeFidelity, tolerance: float | None = None) -> MergeVerdict:
+    """Whether a merge may be published: it changed the model, and its logits are those of base plus
+    adapter: within `tolerance` (default 1e-3) at the largest difference in float32 (or whenever a
+    tolerance is given), within half of the adapter's own average effect in a 16-bit dtype."""
+    failures = []
+    if fidelity.adapter_effect == 0.0 or not fidelity.changed:
+        failures.append(
+            "the merged model's logits equal the base's on every probe: the adapter changed nothing "
+            "(trained for too few steps, or with a learning rate too small to move it)"
+            + (
+                f", or nothing it changed survives rounding to {fidelity.dtype}"
+                if fidelity.adapter_effect and fidelity.dtype != "float32"
+                else ""
+            )
+        )
+    if fidelity.dtype == "float32" or tolerance is not None:
+        allowed = tolerance if tolerance is not None else FLOAT32_TOLERANCE
+        if fidelity.merge_max_abs_diff > allowed:
+            failures.append(
+                f"the merged model's logits differ from base plus adapter by {fidelity.merge_max_abs_diff:.4g} "
+                f"(allowed {allowed:.4g}) in {fidelity.dtype}. Publish in float32 (publish.dtype), or raise "
+                "publish.merge_tolerance if the difference is expected for this dtype"
+            )
+    else:
+        allowed = SIXTEEN_BIT_SHARE * fidelity.adapter_effect
+        if fidelity.merge_mean_abs_diff > allowed:
+            failures.append(
+                f"in {fidelity.dtype} the merged model's logits differ from base plus adapter (float32) by "
+                f"{fidelity.merge_mean_abs_diff:.4g} on average, more than half of the adapter's own effect on "
+                f"them ({fidelity.adapter_effect:.4g}): rounding to {fidelity.dtype} would wash out what training "
+                "changed. Publish in float32 (publish.dtype), or set publish.merge_tolerance to accept it"
+            )
+    return MergeVerdict(passed=not failures, tolerance=allowed, failures=failures)
+
+
+@dataclass
+class MergedModel:
+    """A merge held in memory, before anything is written: the model in the publish dtype, its
+    tokenizer (the adapter's, with its chat template), its fidelity figures and its probe logits."""
+
+    model: object
+    tokenizer: object
+    fidelity: MergeFidelity
+    inputs: list
+    logits: list
+
+
+def merge_in_memory(
+    base_model_dir: Path,
+    adapter_dir: Path,
+    dtype: str,
+    trust_remote_code: bool = False,
+    probes: list[str] | None = None,
+) -> MergedModel:
+    """Merge the adapter into the base in float32 and cast to `dtype`; measure the merged logits
+    against base plus adapter in float32 and against the base in `dtype`, on the probes."""
+    import copy
+
+    from peft import PeftModel
+
+    tokenizer = load_tokenizer(adapter_dir, trust_remote_code)
+    model = load_causal_lm(base_model_dir, dtype="float32", trust_remote_code=trust_remote_code)
+    model.eval()
+    texts = probes or list(PROBE_TEXTS)
+    inputs = [
+        tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
+        for text in texts
+    ]
+    base_logits = _logits(model, inputs)
+    base_in_dtype = None
+    if dtype != "float32":  # the base as it would be published without the adapter
+        rounded = copy.deepcopy(model).to(torch_dtype(dtype))
+        base_in_dtype = _logits(rounded, inputs)
+        del rounded
+    tuned = PeftModel.from_pretrained(model, adapter_dir)
+    tuned.eval()
+    tuned_logits = _logits(tuned, inputs)
+    merged = tuned.merge_and_unload()
+    if dtype != "float32":
+        merged = merged.to(torch_dtype(dtype))
+    merged.eval()
+    merged_logits = _logits(merged, inputs)
+    fidelity = MergeFidelity(
+        dtype=dtype,
+        merge_max_abs_diff=max(
+            float((m - t).abs().max()) for m, t in zip(merged_logits, tuned_logits, strict=True)
+        ),
+        merge_mean_abs_diff=_mean_abs(merged_logits, tuned_logits),
+        adapter_effect=_mean_abs(tuned_logits, base_logits),
+        changed=not all(
+            torch.equal(m, b) for m, b in zip(merged_logits, base_in_dtype or base_logits, strict=True)
+        ),
+        probes=len(texts),
+    )
+    return MergedModel(merged, tokenizer, fidelity, inputs, merged_logits)
+
+
+def write_published(
+    merged: MergedModel,
+    adapter_dir: Path,
+    models_dir: Path,
+    version: str,
+    model_card: str,
+    trust_remote_code: bool = False,
+    record: dict | None = None,
+    verdict: MergeVerdict | None = None,
+) -> PublishResult:
+    """Write a merge that passed its verdict to `<models_dir>/<version>/` (a temporary folder renamed
+    into place), reload it and compare its logits again, then point `latest` at it. A reload that
+    moves further than the merge may (see reload_tolerance) raises MergeError, and nothing is
+    published."""
+    verdict = verdict or merge_verdict(merged.fidelity)
+    allowed_reload = reload_tolerance(merged.fidelity, verdict)
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = merged.model, merged.tokenizer
+    _stop_at_end_of_turn(model, tokenizer)
+    target = Path(models_dir) / version
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if load_tokenizer(tmp, trust_remote_code).chat_template != tokenizer.chat_template:
+            raise MergeError(f"{target}: the saved chat template differs from the adapter's")
+        shutil.copytree(adapter_dir, tmp / "adapter")
+        (tmp / "README.md").write_text(model_card, encoding="utf-8")
+        (tmp / RECORD).write_text(
+            json.dumps(
+                {"version": version, "dtype": merged.fidelity.dtype, **(record or {})},
+                indent=2,
+                sort_keys=True,
+            )
+        )
+        reloaded = AutoModelForCausalLM.from_pretrained(
+            tmp, dtype=model.dtype, use_safetensors=True, device_map={"": str(model.device)}
+        )
+        reloaded.eval()
+        reload_diff = max(
+            float((r - m).abs().max())
+            for r, m in zip(_logits(reloaded, merged.inputs), merged.logits, strict=True)
+        )
+        if reload_diff > allowed_reload:
+            raise MergeError(
+                f"{target}: the saved model reloads with logits {reload_diff:.4g} away from the merged one"
+            )
+    _point_latest(Path(models_dir), version)
+    fidelity = merged.fidelity
+    return PublishResult(
+        version=version,
+        path=str(target),
+        merge_max_abs_diff=fidelity.merge_max_abs_diff,
+        merge_tolerance=verdict.tolerance,
+        reload_max_abs_diff=reload_diff,
+        merge_mean_abs_diff=fidelity.merge_mean_abs_diff,
+        adapter_effect=fidelity.adapter_effect,
+    )
+
+
+def reload_tolerance(fidelity: MergeFidelity, verdict: MergeVerdict) -> float:
+    """How far a saved and reloaded merge may move: as far as the merge itself may in float32 (the
+    same weights give the same logits), as far as it did in 16 bits (a GPU's kernels may differ)."""
+    return (
+        verdict.tolerance
+        if fidelity.dtype == "float32"
+        else max(fidelity.merge_max_abs_diff, FLOAT32_TOLERANCE)
+    )
+
+
 def merge_adapter(
     base_model_dir: Path,
     adapter_dir: Path,
@@ -96,121 +289,32 @@ def merge_adapter(
     tolerance: float | None = None,
     record: dict | None = None,
 ) -> PublishResult:
-    """Merge in float32 and cast to `dtype`, check the merged logits against base plus adapter in
-    float32 and against the base (an adapter that changes nothing, or whose change the dtype's
-    rounding erases, is refused), save, reload and compare again, then point `latest` at the new
-    version. Any failure leaves `latest` where it was and writes no version folder.
-
-    The check: in float32 the merged logits are within `tolerance` (default 1e-3) of base plus
-    adapter everywhere. In a 16-bit dtype they are, on average, within half of the adapter's own
-    average effect on the logits (or within `tolerance`, when given, at the largest difference).
-    """
-    import copy
-
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    # the adapter's tokenizer carries the chat template the adapter was trained with
-    tokenizer = load_tokenizer(adapter_dir, trust_remote_code)
-    model = load_causal_lm(base_model_dir, dtype="float32", trust_remote_code=trust_remote_code)
-    model.eval()
-    inputs = [
-        tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
-        for text in (probes or PROBE_TEXTS)
-    ]
-
-    def logits_of(m) -> list[torch.Tensor]:
-        with torch.no_grad():
-            return [m(input_ids=ids).logits.float() for ids in inputs]
-
-    base_logits = logits_of(model)
-    base_in_dtype = None
-    if dtype != "float32":  # the base as it would be published without the adapter
-        rounded = copy.deepcopy(model).to(torch_dtype(dtype))
-        base_in_dtype = logits_of(rounded)
-        del rounded
-    tuned = PeftModel.from_pretrained(model, adapter_dir)
-    tuned.eval()
-    tuned_logits = logits_of(tuned)
-    merged = tuned.merge_and_unload()
-    if dtype != "float32":
-        merged = merged.to(torch_dtype(dtype))
-    merged.eval()
-    merged_logits = logits_of(merged)
-
-    def mean_abs(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-        return float(sum((x - y).abs().sum() for x, y in zip(a, b, strict=True)) / sum(x.numel() for x in a))
-
-    effect = mean_abs(tuned_logits, base_logits)
-    unchanged = all(
-        torch.equal(m, b) for m, b in zip(merged_logits, base_in_dtype or base_logits, strict=True)
+    """Merge, judge the merge (merge_verdict), and publish it only when it passes; a merge that
+    fails raises MergeError with the verdict's reasons, and nothing is written. (The published_model
+    asset runs the same three steps and reports the verdict as its `merge_fidelity` check.)"""
+    merged = merge_in_memory(base_model_dir, adapter_dir, dtype, trust_remote_code, probes)
+    verdict = merge_verdict(merged.fidelity, tolerance)
+    if not verdict.passed:
+        raise MergeError(verdict.describe() + "; nothing was published")
+    return write_published(
+        merged,
+        adapter_dir,
+        models_dir,
+        version,
+        model_card,
+        trust_remote_code,
+        record,
+        verdict,
     )
-    if effect == 0.0 or unchanged:
-        raise MergeError(
-            "the merged model's logits equal the base's on every probe: the adapter changed nothing "
-            "(trained for too few steps, or with a learning rate too small to move it)"
-            + (
-                f", or nothing it changed survives rounding to {dtype}"
-                if effect and dtype != "float32"
-                else ""
-            )
-            + "; nothing was published"
-        )
-    merge_max = max(float((m - t).abs().max()) for m, t in zip(merged_logits, tuned_logits, strict=True))
-    merge_mean = mean_abs(merged_logits, tuned_logits)
-    if dtype == "float32" or tolerance is not None:
-        allowed = tolerance if tolerance is not None else FLOAT32_TOLERANCE
-        if merge_max > allowed:
-            raise MergeError(
-                f"the merged model's logits differ from base plus adapter by {merge_max:.4g} (allowed {allowed:.4g}) "
-                f"in {dtype}; nothing was published. Publish in float32 (publish.dtype), or raise publish.merge_tolerance "
-                "if the difference is expected for this dtype"
-            )
-    else:
-        allowed = SIXTEEN_BIT_SHARE * effect
-        if merge_mean > allowed:
-            raise MergeError(
-                f"in {dtype} the merged model's logits differ from base plus adapter (float32) by {merge_mean:.4g} on "
-                f"average, more than half of the adapter's own effect on them ({effect:.4g}): rounding to {dtype} "
-                "would wash out what training changed; nothing was published. Publish in float32 (publish.dtype), "
-                "or set publish.merge_tolerance to accept it"
-            )
-    _stop_at_end_of_turn(merged, tokenizer)
 
-    target = Path(models_dir) / version
-    with atomic_dir(target) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if load_tokenizer(tmp, trust_remote_code).chat_template != tokenizer.chat_template:
-            raise MergeError(f"{target}: the saved chat template differs from the adapter's")
-        shutil.copytree(adapter_dir, tmp / "adapter")
-        (tmp / "README.md").write_text(model_card, encoding="utf-8")
-        (tmp / RECORD).write_text(
-            json.dumps({"version": version, "dtype": dtype, **(record or {})}, indent=2, sort_keys=True)
-        )
-        reloaded = AutoModelForCausalLM.from_pretrained(
-            tmp, dtype=merged.dtype, use_safetensors=True, device_map={"": str(merged.device)}
-        )
-        reloaded.eval()
-        reload_diff = max(
-            float((r - m).abs().max()) for r, m in zip(logits_of(reloaded), merged_logits, strict=True)
-        )
-        # saved and reloaded, the same weights give the same logits; a GPU's kernels may differ by
-        # as much as the merge itself may
-        if reload_diff > (allowed if dtype == "float32" or tolerance is not None else merge_max):
-            raise MergeError(
-                f"{target}: the saved model reloads with logits {reload_diff:.4g} away from the merged one"
-            )
-    _point_latest(Path(models_dir), version)
-    return PublishResult(
-        version=version,
-        path=str(target),
-        merge_max_abs_diff=merge_max,
-        merge_tolerance=allowed,
-        reload_max_abs_diff=reload_diff,
-        merge_mean_abs_diff=merge_mean,
-        adapter_effect=effect,
-    )
+
+def _logits(model, inputs) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(input_ids=ids).logits.float() for ids in inputs]
+
+
+def _mean_abs(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return float(sum((x - y).abs().sum() for x, y in zip(a, b, strict=True)) / sum(x.numel() for x in a))
 
 
 def _stop_at_end_of_turn(model, tokenizer) -> None:

@@ -311,8 +311,9 @@ class TrainingSpec(Section):
     long sequences, about a third more compute."""
 
     eval_every: int | None = Field(default=None, ge=1)
-    """Compute the loss on (up to 256 examples of) the eval split every N steps and at the end;
-    None skips it."""
+    """Compute the loss on (up to 256 examples of) the eval split every N steps and at the end,
+    reported as `training_eval_loss` (the evaluation asset's `eval_loss` is its own, on
+    `evaluation.max_examples`); None skips it."""
 
     checkpoint_every: int | None = Field(default=50, ge=1)
     """Write a checkpoint (adapter, optimizer, RNG states, step) every N steps; re-materializing

@@ -92,8 +92,10 @@ class TrainResult:
     packing_efficiency: float | None = None
     """Real tokens over row tokens of the packed rows; None when not packing."""
     resumed_from_step: int = 0
-    final_eval_loss: float | None = None
-    best_eval_loss: float | None = None
+    final_training_eval_loss: float | None = None
+    """The training's own held-out loss at its last step, on up to 256 eval rows (`eval_every`); the
+    evaluation asset's eval_loss is measured on its own examples."""
+    best_training_eval_loss: float | None = None
     world_size: int = 1
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     eval_curve: list[tuple[int, float]] = field(default_factory=list)
@@ -513,8 +515,8 @@ def train_adapter(
             total_params=total,
             packing_efficiency=round(efficiency, 4) if efficiency is not None else None,
             resumed_from_step=start_step,
-            final_eval_loss=evals[-1] if evals else None,
-            best_eval_loss=min(evals) if evals else None,
+            final_training_eval_loss=evals[-1] if evals else None,
+            best_training_eval_loss=min(evals) if evals else None,
             world_size=world,
             loss_curve=trainer.loss_curve,
             eval_curve=trainer.eval_curve,

@@ -608,6 +608,20 @@ def record_schema(con: duckdb.DuckDBPyConnection, pipeline: str, partition: str)
     return dict(rows)
 
 
+def schema_drift(previous: dict[str, str] | None, current: dict[str, str]) -> dict[str, list[str]]:
+    """How a partition's record schema (key -> JSON type, see record_schema) differs from the one
+    validated before it: keys `added`, `removed`, and `changed_type`, each present only when not
+    empty. Nothing to compare with (the first validation) is no drift."""
+    if previous is None:
+        return {}
+    drift = {
+        "added": sorted(set(current) - set(previous)),
+        "removed": sorted(set(previous) - set(current)),
+        "changed_type": sorted(k for k in set(current) & set(previous) if current[k] != previous[k]),
+    }
+    return {k: v for k, v in drift.items() if v}
+
+
 def classified_frame(con: duckdb.DuckDBPyConnection):
     """The rows of the last validate_partition call as a DataFrame for data checks."""
     return con.execute(

@@ -15,13 +15,14 @@ import os
 import sys
 from pathlib import Path
 
-from dagster import AssetKey, DagsterInstance, materialize
+from dagster import DagsterInstance, materialize
 
-from assets import PARTITIONED_STAGES, STAGES, pipeline_assets, source_partitions
+from assets import PARTITIONED_STAGES, downstream_of_ingestion, pipeline_assets, source_partitions
+from assets.keys import asset_key
 from loraflow.sources import SourceChanges, diff_sources, scan_sources
 from loraflow.spec import PipelineSpec, SpecError, load_spec
 from loraflow.validate import drop_partition
-from pipelines.definitions import pipeline_resources
+from pipelines.deployment import deployment_resources
 from pipelines.paths import PROJECT_ROOT, default_home, default_pipelines_dir
 from pipelines.sensors import last_validation
 
@@ -53,7 +54,7 @@ def sync_partitions(spec: PipelineSpec, instance: DagsterInstance, resources: di
 def run_pipeline(spec: PipelineSpec, instance: DagsterInstance, home: Path) -> dict:
     """Materialize the whole pipeline; returns {'success', 'published', 'evaluation'}."""
     assets = pipeline_assets(spec)
-    resources = pipeline_resources(home)
+    resources = deployment_resources(home)
     changes = sync_partitions(spec, instance, resources)
     keys = list(spec.partitions())
     if not keys:
@@ -64,14 +65,12 @@ def run_pipeline(spec: PipelineSpec, instance: DagsterInstance, home: Path) -> d
     )
     if spec.quality.max_tokens is not None and changes.to_ingest:
         # token limits are counted with the base model's tokenizer: validation needs it first
-        materialize(
-            assets, selection=[AssetKey([spec.name, "base_model"])], instance=instance, resources=resources
-        )
+        materialize(assets, selection=[asset_key(spec, "base_model")], instance=instance, resources=resources)
     for key in changes.to_ingest:
         print(f"[{spec.name}] ingesting and validating {key}")
         result = materialize(
             assets,
-            selection=[AssetKey([spec.name, stage]) for stage in PARTITIONED_STAGES],
+            selection=[asset_key(spec, stage) for stage in PARTITIONED_STAGES],
             partition_key=key,
             instance=instance,
             resources=resources,
@@ -81,12 +80,9 @@ def run_pipeline(spec: PipelineSpec, instance: DagsterInstance, home: Path) -> d
         if not result.success:
             return {"success": False, "failed_at": f"partition {key}"}
     print(f"[{spec.name}] formatting, training, evaluating and publishing")
-    downstream = [AssetKey([spec.name, stage]) for stage in STAGES if stage not in PARTITIONED_STAGES]
-    if spec.publish.hub_repo:
-        downstream.append(AssetKey([spec.name, "hub_model"]))
     result = materialize(
         assets,
-        selection=downstream,
+        selection=downstream_of_ingestion(spec),
         instance=instance,
         resources=resources,
         raise_on_error=False,

@@ -30,6 +30,7 @@ from dagster import (
 )
 
 from assets import PARTITIONED_STAGES, source_partitions
+from assets.keys import asset_key
 from assets.training_inputs import (
     FINGERPRINT_KEY,
     INPUTS_KEY,
@@ -60,7 +61,7 @@ def retrain_job(spec: PipelineSpec) -> JobDefinition:
     stages = [s for s in RETRAIN_STAGES if s != "hub_model" or spec.publish.hub_repo]
     return define_asset_job(
         name=f"{spec.name}__retrain",
-        selection=AssetSelection.assets(*[AssetKey([spec.name, s]) for s in stages]),
+        selection=AssetSelection.assets(*[asset_key(spec, s) for s in stages]),
         description=f"Retrain {spec.name!r} from its validated data: format, train, evaluate, and publish "
         "when the gate passes.",
     )
@@ -95,14 +96,14 @@ def retrain_decision(instance: DagsterInstance, spec: PipelineSpec) -> RetrainDe
     the base model, or the `format` or `training` section differ from what the last adapter was
     trained on; otherwise skips."""
     name = spec.name
-    ingesting = unfinished_runs(instance, {AssetKey([name, stage]) for stage in PARTITIONED_STAGES})
+    ingesting = unfinished_runs(instance, {asset_key(name, stage) for stage in PARTITIONED_STAGES})
     if ingesting:
         return RetrainDecision(
             False,
             f"{len(ingesting)} ingestion run(s) queued or running ({', '.join(ingesting[:3])}); retraining "
             "waits for them, so that a burst of new files trains once",
         )
-    training = unfinished_runs(instance, {AssetKey([name, "adapter"])})
+    training = unfinished_runs(instance, {asset_key(name, "adapter")})
     if training:
         return RetrainDecision(False, f"a training of {name!r} is already queued or running ({training[0]})")
     partitions = instance.get_dynamic_partitions(source_partitions(spec).name)
@@ -111,11 +112,11 @@ def retrain_decision(instance: DagsterInstance, spec: PipelineSpec) -> RetrainDe
         return RetrainDecision(
             False, f"no source file of {name!r} has been validated yet: nothing to train on"
         )
-    base = data_version_of(latest_materialization(instance, AssetKey([name, "base_model"])))
+    base = data_version_of(latest_materialization(instance, asset_key(name, "base_model")))
     now = training_inputs(
         validated, base, spec.section_version("base_model"), format_version(spec), training_version(spec)
     )
-    last = latest_materialization(instance, AssetKey([name, "adapter"]))
+    last = latest_materialization(instance, asset_key(name, "adapter"))
     if last is None:
         return RetrainDecision(True, f"{name!r} has no adapter yet", now)
     recorded = last.metadata.get(FINGERPRINT_KEY)

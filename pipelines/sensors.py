@@ -15,6 +15,7 @@ from dagster import (
     sensor,
 )
 
+from assets.keys import asset_key
 from loraflow.sources import diff_sources, hash_cache, scan_sources
 from loraflow.spec import PipelineSpec
 from loraflow.validate import drop_partition
@@ -31,7 +32,7 @@ def _latest(instance: DagsterInstance, key: AssetKey, partition: str):
 def last_validation(instance: DagsterInstance, spec: PipelineSpec, partitions: list[str]) -> dict[str, dict]:
     """Per partition that was ingested and validated: the file sha256 it was ingested from (`sha256`)
     and the code version of the rules it was validated with (`code_version`)."""
-    raw, validated = AssetKey([spec.name, "raw_examples"]), AssetKey([spec.name, "validated_examples"])
+    raw, validated = asset_key(spec, "raw_examples"), asset_key(spec, "validated_examples")
     state = {}
     for partition in partitions:
         ingested, checked = _latest(instance, raw, partition), _latest(instance, validated, partition)
@@ -53,7 +54,7 @@ def ingested_hashes(instance: DagsterInstance, spec: PipelineSpec, partitions: l
 def build_source_sensor(spec: PipelineSpec, partitions: DynamicPartitionsDefinition) -> SensorDefinition:
     @sensor(
         name=f"{spec.name}__source_files",
-        asset_selection=[AssetKey([spec.name, "raw_examples"]), AssetKey([spec.name, "validated_examples"])],
+        asset_selection=[asset_key(spec, "raw_examples"), asset_key(spec, "validated_examples")],
         default_status=DefaultSensorStatus.RUNNING
         if spec.schedule.watch_files
         else DefaultSensorStatus.STOPPED,

@@ -206,8 +206,8 @@ def test_each_training_is_one_mlflow_run_with_its_settings_and_step_figures(
     assert run.data.params["loraflow.training.max_steps"] == "4"
     losses = client.get_metric_history(run_id, "loss")
     assert [(m.step, round(m.value, 6)) for m in losses] == result.loss_curve
-    assert [m.step for m in client.get_metric_history(run_id, "eval_loss")] == [2, 4]
-    assert [round(m.value, 6) for m in client.get_metric_history(run_id, "eval_loss")] == [
+    assert [m.step for m in client.get_metric_history(run_id, "training_eval_loss")] == [2, 4]
+    assert [round(m.value, 6) for m in client.get_metric_history(run_id, "training_eval_loss")] == [
         v for _, v in result.eval_curve
     ]
     for metric in ("learning_rate", "grad_norm", "tokens_per_second", "tokens_seen"):

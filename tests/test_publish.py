@@ -94,6 +94,34 @@ def test_an_adapter_trained_on_corrupted_answers_fails_the_gate_and_publishes_no
         assert base["content_hash"] in card and record["base_model_hash"] == base["content_hash"]
         assert adapter["weights_sha256"] in card and record["dataset_version"] in card
 
+        # a merge that misses its tolerance fails the merge_fidelity check, with its numbers, and
+        # publishes nothing (the tolerance here is one no merge can meet)
+        from dagster import materialize
+
+        from assets import pipeline_assets
+        from pipelines.definitions import pipeline_resources
+
+        strict = spec.model_copy(
+            update={"publish": spec.publish.model_copy(update={"merge_tolerance": 1e-30})}
+        )
+        refused = materialize(
+            pipeline_assets(strict),
+            selection=[AssetKey(["triage", "published_model"])],
+            instance=instance,
+            resources=pipeline_resources(home),
+            raise_on_error=False,
+        )
+        assert not refused.success
+        key = AssetCheckKey(AssetKey(["triage", "published_model"]), "merge_fidelity")
+        fidelity = instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key]
+        check = fidelity.event.dagster_event.event_specific_data  # type: ignore[union-attr]
+        assert check.passed is False and check.metadata["tolerance"].value == 1e-30
+        assert check.metadata["merge_max_abs_diff"].value > 1e-30 and check.metadata["changed"].value is True
+        assert (
+            "differ from base plus adapter by" in check.description and "(allowed 1e-30)" in check.description
+        )
+        assert (home / "models" / "triage" / LATEST).read_text().strip() == published["version"]
+
         # now the training answers are corrupted (reversed); the held-out set is unchanged
         write_records(project / "data" / "train.jsonl", examples[:80], corrupt=True)
         bad = run_pipeline(spec, instance, home)

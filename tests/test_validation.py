@@ -312,3 +312,17 @@ def test_example_pipelines_read_the_real_datasets_through_their_yaml_alone(con, 
         result = validate_partition(con, spec.name, key, source, spec.quality)
         assert ingested.rows == result.raw == result.valid + result.quarantined
         assert result.valid >= 0.95 * result.raw
+
+
+def test_schema_drift_names_added_removed_and_retyped_keys():
+    from loraflow.validate import schema_drift
+
+    before = {"instruction": "VARCHAR", "input": "VARCHAR", "output": "VARCHAR", "score": "UBIGINT"}
+    after = {"instruction": "VARCHAR", "output": "VARCHAR", "score": "DOUBLE", "ticket_id": "UBIGINT"}
+    assert schema_drift(before, after) == {
+        "added": ["ticket_id"],
+        "removed": ["input"],
+        "changed_type": ["score"],
+    }
+    assert schema_drift(before, dict(before)) == {}
+    assert schema_drift(None, after) == {}  # the first validation has nothing to drift from
