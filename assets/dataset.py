@@ -8,7 +8,6 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     AssetIn,
-    AutomationCondition,
     DataVersion,
     Failure,
     MetadataValue,
@@ -16,9 +15,8 @@ from dagster import (
     asset,
 )
 
-from assets.ingestion import source_partitions
+from assets.automation import conditions
 from assets.keys import asset_key
-from assets.training_inputs import format_version, validated_versions
 from loraflow.base_model import load_tokenizer, tokenizer_hash
 from loraflow.dataset import (
     DatasetError,
@@ -29,6 +27,7 @@ from loraflow.dataset import (
     select_examples,
     template_round_trip,
 )
+from loraflow.manifests import BaseModelManifest, DatasetManifest
 from loraflow.spec import PipelineSpec
 from loraflow.templates import TemplateError, resolve_template
 from loraflow.validate import partitions_not_adding_up, partitions_over_limit
@@ -112,9 +111,8 @@ def build_training_dataset(spec: PipelineSpec):
         kinds={"parquet"},
         deps=[asset_key(spec, "validated_examples")],
         ins={"base_model": AssetIn(asset_key(spec, "base_model"))},
-        code_version=format_version(spec),
-        # after new validated data, once no file is still being ingested: a burst of files formats once
-        automation_condition=AutomationCondition.eager(),
+        code_version=spec.section_version("format"),
+        automation_condition=conditions(spec)["training_dataset"],
         description="Validated examples of all source files rendered with the chat template, tokenized with "
         "only assistant tokens trained, and split train/eval by content hash. Parquet in the artifact store.",
         check_specs=[
@@ -136,8 +134,11 @@ def build_training_dataset(spec: PipelineSpec):
         ],
     )
     def training_dataset(
-        context: AssetExecutionContext, base_model: dict, warehouse: Warehouse, store: ArtifactStore
-    ) -> Output[dict]:
+        context: AssetExecutionContext,
+        base_model: BaseModelManifest,
+        warehouse: Warehouse,
+        store: ArtifactStore,
+    ) -> Output[DatasetManifest]:
         with warehouse.connect() as con:
             rejected = partitions_over_limit(con, spec.name, spec.quality.max_invalid_fraction)
             lossy = partitions_not_adding_up(con, spec.name)
@@ -163,8 +164,8 @@ def build_training_dataset(spec: PipelineSpec):
                 f"pipeline {spec.name!r} has no validated examples: materialize raw_examples and "
                 "validated_examples for its source files first"
             )
-        base_dir = Path(base_model["path"])
-        tokenizer = load_tokenizer(base_dir, base_model["trust_remote_code"])
+        base_dir = Path(base_model.path)
+        tokenizer = load_tokenizer(base_dir, base_model.trust_remote_code)
         try:
             template, template_source = resolve_template(spec.format.chat_template, tokenizer, spec.root)
             summary = build_dataset(
@@ -189,20 +190,11 @@ def build_training_dataset(spec: PipelineSpec):
             summary.chat_template_source,
         )
         # a fresh tokenizer, so nothing set on the one that built the dataset can hide a difference
-        fresh = load_tokenizer(base_dir, base_model["trust_remote_code"])
+        fresh = load_tokenizer(base_dir, base_model.trust_remote_code)
         mismatched = template_round_trip(fresh, Path(summary.path), spec.format)
         train = load_split(Path(summary.path), "train")
         yield Output(
-            {
-                **summary.to_json(),
-                # what it was built from, for the retrain schedule (see assets/training_inputs.py)
-                "validated_versions": validated_versions(
-                    context.instance,
-                    spec,
-                    context.instance.get_dynamic_partitions(source_partitions(spec).name),
-                ),
-                "format_version": format_version(spec),
-            },
+            DatasetManifest(**summary.to_json()),
             data_version=DataVersion(summary.version),
             metadata={
                 "path": MetadataValue.path(summary.path),

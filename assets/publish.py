@@ -16,11 +16,20 @@ from dagster import (
     asset,
 )
 
+from assets.automation import conditions
 from assets.keys import asset_key
 from assets.training import GPU_POOL
 from loraflow.base_model import BUILTIN_HUB_IDS, BUILTIN_LICENSES, load_tokenizer
 from loraflow.dataset import load_split
 from loraflow.formatting import render
+from loraflow.manifests import (
+    AdapterManifest,
+    BaseModelManifest,
+    DatasetManifest,
+    EvaluationManifest,
+    HubManifest,
+    PublishedManifest,
+)
 from loraflow.merge import (
     MergeError,
     merge_in_memory,
@@ -69,6 +78,7 @@ def build_published_model(spec: PipelineSpec):
             "base_model": AssetIn(asset_key(spec, "base_model")),
         },
         code_version=spec.section_version("publish"),
+        automation_condition=conditions(spec)["published_model"],
         description=f"The adapter merged into the base in {spec.publish.dtype} (auto: the base checkpoint's dtype), saved as safetensors with the "
         f"tokenizer, chat template, the adapter on its own and a model card, under `models/{spec.name}/<version>`.",
         check_specs=[
@@ -83,40 +93,40 @@ def build_published_model(spec: PipelineSpec):
     )
     def published_model(
         context: AssetExecutionContext,
-        adapter: dict,
-        evaluation: dict,
-        training_dataset: dict,
-        base_model: dict,
+        adapter: AdapterManifest,
+        evaluation: EvaluationManifest,
+        training_dataset: DatasetManifest,
+        base_model: BaseModelManifest,
         store: ArtifactStore,
         warehouse: Warehouse,
     ):
         with warehouse.connect() as con:
             sources = source_lineage(con, spec.name)
-        license_name = spec.publish.license or BUILTIN_LICENSES.get(base_model["source"], "other")
+        license_name = spec.publish.license or BUILTIN_LICENSES.get(base_model.source, "other")
         card = render_model_card(
             pipeline=spec.name,
             description=spec.description,
-            base_model=BUILTIN_HUB_IDS.get(base_model["source"], base_model["source"]),
-            base_model_hash=base_model["content_hash"],
+            base_model=BUILTIN_HUB_IDS.get(base_model.source, base_model.source),
+            base_model_hash=base_model.content_hash,
             license=license_name,
             sources=sources,
-            dataset_version=training_dataset["version"],
-            chat_template=training_dataset.get("chat_template_source", "tokenizer"),
+            dataset_version=training_dataset.version,
+            chat_template=training_dataset.chat_template_source,
             training_config=spec.training.model_dump(mode="json"),
-            adapter_version=adapter["version"],
-            adapter_sha256=adapter["weights_sha256"],
+            adapter_version=adapter.version,
+            adapter_sha256=adapter.weights_sha256,
             code_version=code_version_of(spec.root),
-            eval_table=evaluation["table"],
+            eval_table=evaluation.table,
         )
-        dtype = publish_dtype(spec.publish.dtype, Path(base_model["path"]))
-        version = publish_version(Path(adapter["path"]), base_model["content_hash"], dtype)
-        tokenizer = load_tokenizer(Path(adapter["path"]), base_model["trust_remote_code"])
-        probes = probe_prompts(Path(training_dataset["path"]), tokenizer)
+        dtype = publish_dtype(spec.publish.dtype, Path(base_model.path))
+        version = publish_version(Path(adapter.path), base_model.content_hash, dtype)
+        tokenizer = load_tokenizer(Path(adapter.path), base_model.trust_remote_code)
+        probes = probe_prompts(Path(training_dataset.path), tokenizer)
         merged = merge_in_memory(
-            Path(base_model["path"]),
-            Path(adapter["path"]),
+            Path(base_model.path),
+            Path(adapter.path),
             dtype,
-            base_model["trust_remote_code"],
+            base_model.trust_remote_code,
             probes=probes or None,
         )
         verdict = merge_verdict(merged.fidelity, spec.publish.merge_tolerance)
@@ -130,18 +140,18 @@ def build_published_model(spec: PipelineSpec):
         try:
             result = write_published(
                 merged,
-                Path(adapter["path"]),
+                Path(adapter.path),
                 store.folder("models", spec.name),
                 version,
                 card,
-                base_model["trust_remote_code"],
+                base_model.trust_remote_code,
                 record={
                     "pipeline": spec.name,
-                    "adapter_version": adapter["version"],
-                    "base_model": base_model["source"],
-                    "base_model_hash": base_model["content_hash"],
-                    "dataset_version": training_dataset["version"],
-                    "metrics": evaluation["tuned"],
+                    "adapter_version": adapter.version,
+                    "base_model": base_model.source,
+                    "base_model_hash": base_model.content_hash,
+                    "dataset_version": training_dataset.version,
+                    "metrics": evaluation.tuned,
                 },
                 verdict=verdict,
             )
@@ -152,7 +162,7 @@ def build_published_model(spec: PipelineSpec):
             raise Failure(description=f"pipeline {spec.name!r}: {err}") from None
         context.log.info("published %s at %s", version, result.path)
         yield Output(
-            {"version": version, "path": result.path, "adapter_version": adapter["version"]},
+            PublishedManifest(version=version, path=result.path, adapter_version=adapter.version),
             data_version=DataVersion(version),
             metadata={
                 "path": MetadataValue.path(result.path),
@@ -189,25 +199,28 @@ def build_hub_model(spec: PipelineSpec):
         kinds={"huggingface"},
         ins={"published_model": AssetIn(asset_key(spec, "published_model"))},
         code_version=spec.section_version("publish"),
+        automation_condition=conditions(spec)["hub_model"],
         description=f"The published model uploaded to {spec.publish.hub_repo} on the Hugging Face Hub "
         f"({'private' if spec.publish.hub_private else 'public'} when created), one commit per version.",
     )
-    def hub_model(context: AssetExecutionContext, published_model: dict, hub: HubPublisher) -> Output[dict]:
-        version = published_model["version"]
+    def hub_model(
+        context: AssetExecutionContext, published_model: PublishedManifest, hub: HubPublisher
+    ) -> Output[HubManifest]:
+        version = published_model.version
         commit = hub.upload(
-            Path(published_model["path"]),
+            Path(published_model.path),
             spec.publish.hub_repo,
             private=spec.publish.hub_private,
             commit_message=f"loraflow: {spec.name} {version}",
         )
         context.log.info("uploaded %s to %s: %s", version, commit.repo_url, commit.commit_url)
         return Output(
-            {
-                "version": version,
-                "repo_id": spec.publish.hub_repo,
-                "repo_url": commit.repo_url,
-                "commit": commit.commit_oid,
-            },
+            HubManifest(
+                version=version,
+                repo_id=spec.publish.hub_repo,
+                repo_url=commit.repo_url,
+                commit=commit.commit_oid,
+            ),
             data_version=DataVersion(version),
             metadata={
                 "repo_url": MetadataValue.url(commit.repo_url),

@@ -1,19 +1,16 @@
 """`adapter`: LoRA/QLoRA training, bound to the "gpu" pool so one trains at a time."""
 
-import hashlib
-import json
-
 from dagster import AssetExecutionContext, AssetIn, DataVersion, MetadataValue, Output, asset
 
+from assets.automation import conditions
 from assets.keys import asset_key
-from assets.training_inputs import FINGERPRINT_KEY, INPUTS_KEY, fingerprint, training_inputs, training_version
 from loraflow.artifacts import folder_sha256
+from loraflow.manifests import AdapterManifest, BaseModelManifest, DatasetManifest
 from loraflow.plan.memory import GIB
 from loraflow.request import check_request_fits, plan_request
-from loraflow.runtime import resolve_dtypes
 from loraflow.spec import PipelineSpec
 from loraflow.tracking import Tracking
-from loraflow.train import LOSS_CURVE
+from loraflow.train import LOSS_CURVE, adapter_version
 from resources import ArtifactStore, Trainer, TrainRequest
 
 GPU_POOL = "gpu"
@@ -27,11 +24,6 @@ def loss_table(loss: list, evals: list, rows: int = 40) -> str:
     lines = ["| step | train loss | training eval loss |", "|---|---|---|"]
     lines += [f"| {step} | {value:.4f} | {by_step.get(step, '')} |" for step, value in shown]
     return "\n".join(lines)
-
-
-def _compute(spec: PipelineSpec) -> str | None:
-    quantization = spec.training.quantization
-    return quantization.compute_dtype if spec.training.method == "qlora" and quantization else None
 
 
 def tracking_metadata(run: dict) -> dict:
@@ -63,31 +55,22 @@ def build_adapter(spec: PipelineSpec):
             "training_dataset": AssetIn(asset_key(spec, "training_dataset")),
             "base_model": AssetIn(asset_key(spec, "base_model")),
         },
-        code_version=training_version(spec),
+        code_version=spec.training_version(),
+        automation_condition=conditions(spec)["adapter"],
         description=f"A {spec.training.method.upper()} adapter (r={spec.training.lora.r}) trained on the "
         "training split; safetensors in the artifact store.",
     )
     def adapter(
         context: AssetExecutionContext,
-        training_dataset: dict,
-        base_model: dict,
+        training_dataset: DatasetManifest,
+        base_model: BaseModelManifest,
         store: ArtifactStore,
         trainer: Trainer,
-    ) -> Output[dict]:
+    ) -> Output[AdapterManifest]:
         pack_to = spec.format.max_seq_len if spec.format.packing else None
-        # `auto` dtypes resolve per device: the same YAML trained on a CPU and on a GPU is two adapters
-        dtypes = resolve_dtypes(spec.training, trainer.device_kind)
-        run_key = json.dumps(
-            [
-                training_dataset["version"],
-                base_model["content_hash"],
-                spec.training.model_dump(mode="json"),
-                pack_to,
-                *([list(dtypes)] if "auto" in (spec.training.dtype, _compute(spec)) else []),
-            ],
-            sort_keys=True,
+        version = adapter_version(
+            spec.training, training_dataset.version, base_model.content_hash, pack_to, trainer.device_kind
         )
-        version = hashlib.sha256(run_key.encode()).hexdigest()[:16]
         adapter_dir = store.path("adapters", spec.name, version)
         tracking = Tracking(
             backend=spec.tracking,
@@ -96,22 +79,22 @@ def build_adapter(spec: PipelineSpec):
             run_name=version,
             tags={
                 "pipeline": spec.name,
-                "dataset_version": training_dataset["version"],
-                "base_model": base_model["source"],
-                "base_model_hash": base_model["content_hash"],
+                "dataset_version": training_dataset.version,
+                "base_model": base_model.source,
+                "base_model_hash": base_model.content_hash,
             },
         )
         request = TrainRequest(
             training=spec.training,
-            base_model_dir=base_model["path"],
-            dataset_dir=training_dataset["path"],
+            base_model_dir=base_model.path,
+            dataset_dir=training_dataset.path,
             adapter_dir=str(adapter_dir),
-            trust_remote_code=base_model["trust_remote_code"],
+            trust_remote_code=base_model.trust_remote_code,
             pack_to=pack_to,
             record={
                 "pipeline": spec.name,
-                "base_model": base_model["source"],
-                "base_model_hash": base_model["content_hash"],
+                "base_model": base_model.source,
+                "base_model_hash": base_model.content_hash,
             },
             kubernetes=spec.kubernetes,
             plan=spec.plan,
@@ -129,38 +112,26 @@ def build_adapter(spec: PipelineSpec):
                 f"memory plan: about {estimate.peak / GIB:.2f} GiB at peak ({estimate.setup.describe()})"
             )
         result = trainer.train(context, request)
-        # what this adapter was trained from, for the retrain schedule's "did anything change?"
-        inputs = training_inputs(
-            training_dataset.get("validated_versions", {}),
-            base_model["content_hash"][:32],
-            spec.section_version("base_model"),
-            training_dataset.get("format_version", ""),
-            training_version(spec),
-        )
         weights_hash = folder_sha256(adapter_dir, include=lambda file: file.suffix == ".safetensors")
-        manifest = {
-            "version": version,
-            "path": str(adapter_dir),
-            "weights_sha256": weights_hash,
-            "dataset_version": training_dataset["version"],
-            "steps": result.steps,
-            "final_loss": result.final_loss,
-            FINGERPRINT_KEY: fingerprint(inputs),
-        }
-        optional = {
-            "packing_efficiency": result.packing_efficiency,
-            "final_training_eval_loss": result.final_training_eval_loss,
-            "best_training_eval_loss": result.best_training_eval_loss,
-        }
+        manifest = AdapterManifest(
+            version=version,
+            path=str(adapter_dir),
+            weights_sha256=weights_hash,
+            dataset_version=training_dataset.version,
+            steps=result.steps,
+            final_loss=result.final_loss,
+            packing_efficiency=result.packing_efficiency,
+            final_training_eval_loss=result.final_training_eval_loss,
+            best_training_eval_loss=result.best_training_eval_loss,
+        )
         return Output(
             manifest,
             data_version=DataVersion(weights_hash[:32]),
             metadata={
-                "path": MetadataValue.path(str(adapter_dir)),
+                **{k: v for k, v in manifest.metadata().items() if k != "final_loss"},
+                "path": MetadataValue.path(manifest.path),
                 "method": spec.training.method,
-                "steps": result.steps,
                 "final_train_loss": result.final_loss,
-                **{k: v for k, v in optional.items() if v is not None},
                 "tokens_per_second": result.tokens_per_second,
                 "tokens_seen": result.tokens_seen,
                 "wall_seconds": result.wall_seconds,
@@ -177,8 +148,6 @@ def build_adapter(spec: PipelineSpec):
                 "resumed_from_step": result.resumed_from_step,
                 "world_size": result.world_size,
                 "packing": spec.format.packing,
-                FINGERPRINT_KEY: fingerprint(inputs),
-                INPUTS_KEY: MetadataValue.json(inputs),
                 "loss_curve": MetadataValue.path(str(adapter_dir / LOSS_CURVE)),
                 "loss_by_step": MetadataValue.md(loss_table(result.loss_curve, result.eval_curve)),
                 **(plan_metadata(estimate) if estimate is not None else {}),

@@ -7,7 +7,6 @@ from dagster import (
     AssetExecutionContext,
     AssetIn,
     AssetRecordsFilter,
-    AutomationCondition,
     DataVersion,
     DynamicPartitionsDefinition,
     Failure,
@@ -18,6 +17,7 @@ from dagster import (
     asset,
 )
 
+from assets.automation import conditions
 from assets.ingestion import PER_FILE, partition_source
 from assets.keys import asset_key
 from loraflow.base_model import load_tokenizer
@@ -141,8 +141,7 @@ def build_validated_examples(spec: PipelineSpec, partitions: DynamicPartitionsDe
         partitions_def=partitions,
         deps=[asset_key(spec, "raw_examples")],
         code_version=spec.section_version("data", "quality"),
-        # a file's raw rows re-ingested on their own (from the UI) are re-validated
-        automation_condition=AutomationCondition.eager(),
+        automation_condition=conditions(spec)["validated_examples"],
         backfill_policy=PER_FILE,
         description="Rows of one source file normalized to chat messages (or a text) that pass the quality rules "
         f"(table `{spec.name}.validated_examples`); the others go to `{spec.name}.quarantine` with a reason code and "
@@ -180,8 +179,6 @@ def build_validated_examples(spec: PipelineSpec, partitions: DynamicPartitionsDe
         def validated_examples(
             context: AssetExecutionContext, warehouse: Warehouse, base_model: dict
         ) -> MaterializeResult:
-            return validate(
-                context, warehouse, load_tokenizer(base_model["path"], base_model["trust_remote_code"])
-            )
+            return validate(context, warehouse, load_tokenizer(base_model.path, base_model.trust_remote_code))
 
     return validated_examples

@@ -1,6 +1,7 @@
 """Checks of the GPU path that a CPU cannot make: the crash paths and the correctness of CUDA runs.
 
     python bench/gpu_checks.py --work DIR [--out DIR]     # bench/gpu.sh runs it first, on a tiny model
+    python bench/gpu_checks.py --quick [--out DIR]        # every check on half the chats, a scratch folder
 
 On a tiny random Llama (SmolLM2-like chat data from loraflow's own dataset code):
 
@@ -15,7 +16,11 @@ On a tiny random Llama (SmolLM2-like chat data from loraflow's own dataset code)
   a run interrupted at step 3 and resumed continues the uninterrupted run's loss curve.
 
 Writes `gpu_checks.json` (one record per check, with its verdict) into --out and prints a line per
-check. On a CPU the CUDA-only settings are expected to be refused, and the record says so.
+check with its figures. On a CPU the CUDA-only settings are expected to be refused, and the record
+says so; every other check runs there too (packed logits in float32). `--quick` runs every check on
+24 chats instead of 48, in a temporary --work folder unless one is given; on a CPU, where bf16 is
+emulated many times slower, its LoRA crash path trains in fp32. The test suite runs it. Exit status
+1 when a check fails (a refusal is not a failure).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from __future__ import annotations
 import os
 import sys
 
+# Run as a script, this file's folder comes first on sys.path: put the project root there instead,
+# so that `bench.gpu_train` imports as a module of this checkout and no file in bench/ hides another.
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse  # noqa: E402
@@ -30,16 +37,24 @@ import contextlib  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import tempfile  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
-import torch  # noqa: E402
+if TYPE_CHECKING:
+    import torch
 
 RESULTS_FILE = "gpu_checks.json"
+DEFAULT_WORK = Path(tempfile.gettempdir()) / "loraflow-gpu-checks"
+CHATS = 48
+QUICK_CHATS = 24
+SHORT_DTYPES = {"bfloat16": "bf16", "float32": "fp32"}
 
 
 def tiny_model(folder: Path, dtype: torch.dtype) -> Path:
     """A two-layer Llama with a word tokenizer (bench/gpu_train.py's), random weights, in `dtype`."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from bench.gpu_train import SPECIAL_TOKENS, word_tokenizer
@@ -64,7 +79,7 @@ def tiny_model(folder: Path, dtype: torch.dtype) -> Path:
     return folder
 
 
-def chat_dataset(model_dir: Path, folder: Path, n: int = 48) -> Path:
+def chat_dataset(model_dir: Path, folder: Path, n: int = CHATS) -> Path:
     """Chats of varied lengths (so packing has work to do), built by loraflow's dataset code."""
     import random
 
@@ -102,6 +117,8 @@ class LayerDtypes:
     """The dtypes of the decoder layers' outputs while in the block."""
 
     def __enter__(self):
+        import torch
+
         self.seen: set[str] = set()
 
         def record(module, args, output):
@@ -115,7 +132,9 @@ class LayerDtypes:
         self._handle.remove()
 
 
-def crash_paths(model_dir: Path, dataset_dir: Path, work: Path) -> list[dict]:
+def crash_paths(model_dir: Path, dataset_dir: Path, work: Path, lora_dtype: str = "bfloat16") -> list[dict]:
+    import torch
+
     from loraflow.spec import LoraSpec, QuantizationSpec, TrainingSpec
     from loraflow.train import TrainingError, train_adapter
 
@@ -130,7 +149,10 @@ def crash_paths(model_dir: Path, dataset_dir: Path, work: Path) -> list[dict]:
         dtype="bfloat16",
     )
     cases = {
-        "lora bf16, sdpa, packed": (TrainingSpec(method="lora", attn_implementation="sdpa", **common), 256),
+        f"lora {SHORT_DTYPES[lora_dtype]}, sdpa, packed": (
+            TrainingSpec(method="lora", attn_implementation="sdpa", **{**common, "dtype": lora_dtype}),
+            256,
+        ),
         "qlora bf16 compute, paged_adamw_8bit, gradient checkpointing": (
             TrainingSpec(
                 method="qlora",
@@ -181,6 +203,8 @@ def crash_paths(model_dir: Path, dataset_dir: Path, work: Path) -> list[dict]:
 
 def packed_logits(model_dir: Path, dataset_dir: Path) -> dict:
     """Each example's logits, packed through the GPU's path, against the example alone."""
+    import torch
+
     from loraflow.base_model import load_causal_lm
     from loraflow.dataset import load_split
     from loraflow.packing import collate_flat, collate_packed, pack_examples
@@ -250,12 +274,13 @@ def qlora_against_lora(model_dir: Path, dataset_dir: Path, work: Path) -> dict:
     }
 
 
-def resume_continues(model_dir: Path, dataset_dir: Path, work: Path) -> dict:
+def resume_continues(model_dir: Path, dataset_dir: Path, work: Path, steps: int = 6) -> dict:
+    """A run stopped at step 3 resumes from its step-2 checkpoint and ends on the straight run's curve."""
     from loraflow.spec import LoraSpec, TrainingSpec
     from loraflow.train import train_adapter
 
     spec = TrainingSpec(
-        method="lora", lora=LoraSpec(r=8, alpha=16), max_steps=6, batch_size=2, checkpoint_every=2
+        method="lora", lora=LoraSpec(r=8, alpha=16), max_steps=steps, batch_size=2, checkpoint_every=2
     )
     straight = train_adapter(spec, model_dir, dataset_dir, work / "straight")
 
@@ -276,34 +301,96 @@ def resume_continues(model_dir: Path, dataset_dir: Path, work: Path) -> dict:
     }
 
 
+def figures(record: dict) -> str:
+    """A record's figures in a few words, for its printed line."""
+    parts = []
+    if record.get("losses") and isinstance(record["losses"], list):
+        parts.append(f"loss {record['losses'][0][1]:.4f} -> {record['losses'][-1][1]:.4f}")
+    if record.get("eval_losses"):
+        parts.append(f"eval loss {record['eval_losses'][-1][1]:.4f}")
+    if record.get("decoder_output_dtypes"):
+        parts.append(f"decoder outputs {', '.join(record['decoder_output_dtypes'])}")
+    if "largest_relative_difference" in record:
+        parts.append(
+            f"largest relative difference {record['largest_relative_difference']:.2e} "
+            f"(tolerance {record['tolerance']:.0e})"
+        )
+    if isinstance(record.get("losses"), dict):
+        parts.append(", ".join(f"{k} loss {v:.4f}" for k, v in record["losses"].items()))
+    if "relative_gap" in record:
+        parts.append(f"gap {record['relative_gap']:.2%}")
+    if "resumed_from_step" in record:
+        parts.append(
+            f"resumed from step {record['resumed_from_step']}, "
+            f"largest loss difference {record['largest_loss_difference']:.2e}"
+        )
+    return "; ".join(parts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--work", help=f"the model, datasets and trainings (default {DEFAULT_WORK})")
+    parser.add_argument("--out", default=os.environ.get("OUT"), help=f"where {RESULTS_FILE} goes")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"{QUICK_CHATS} chats, a temporary --work folder"
+    )
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="/tmp/loraflow-gpu-checks")
-    parser.add_argument("--out", default=os.environ.get("OUT"))
-    args = parser.parse_args(argv)
-    work = Path(args.work)
+    args = build_parser().parse_args(argv)
+    if args.quick and args.work is None:
+        with tempfile.TemporaryDirectory(prefix="loraflow-gpu-checks-") as scratch:
+            return run_checks(Path(scratch), args.out, quick=True, scratch=True)
+    return run_checks(Path(args.work or DEFAULT_WORK), args.out, quick=args.quick)
+
+
+def run_checks(work: Path, out: str | None, quick: bool = False, scratch: bool = False) -> int:
+    """Every check on a tiny model in `work`; the records go to `out` (else `work`)."""
+    import torch
+
     work.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
+    chats = QUICK_CHATS if quick else CHATS
+    print(
+        f"device: {torch.cuda.get_device_name() if cuda else 'CPU (the CUDA-only settings are refused)'}; "
+        f"{chats} chats; work {work}",
+        flush=True,
+    )
     model_dir = tiny_model(work / "tiny", torch.bfloat16 if cuda else torch.float32)
-    dataset_dir = chat_dataset(model_dir, work / "datasets")
-    records = crash_paths(model_dir, dataset_dir, work / "crash")
-    for check in (packed_logits, qlora_against_lora, resume_continues):
+    dataset_dir = chat_dataset(model_dir, work / "datasets", chats)
+    lora_dtype = "float32" if quick and not cuda else "bfloat16"
+    records = crash_paths(model_dir, dataset_dir, work / "crash", lora_dtype)
+    checks = {
+        "packed_logits": lambda: packed_logits(model_dir, dataset_dir),
+        "qlora_against_lora": lambda: qlora_against_lora(model_dir, dataset_dir, work / "qlora_against_lora"),
+        # --quick: 4 steps still stop at 3 and resume from the step-2 checkpoint
+        "resume_continues": lambda: resume_continues(
+            model_dir, dataset_dir, work / "resume_continues", steps=4 if quick else 6
+        ),
+    }
+    for name, check in checks.items():
         try:
-            records.append(
-                check(model_dir, dataset_dir, work / check.__name__)
-                if check is not packed_logits
-                else check(model_dir, dataset_dir)
-            )
+            records.append(check())
         except Exception as err:  # noqa: BLE001 - recorded, the other checks still run
-            records.append({"check": check.__name__, "ok": False, "error": f"{type(err).__name__}: {err}"})
+            records.append({"check": name, "ok": False, "error": f"{type(err).__name__}: {err}"})
     for record in records:
         verdict = {True: "ok", False: "FAILED", None: "refused here"}[record["ok"]]
         detail = record.get("refused") or record.get("error") or record.get("runtime") or ""
-        print(f"{verdict:>13}: {record['check']}" + (f" ({detail})" if detail else ""))
-    out = Path(args.out) if args.out else work
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RESULTS_FILE).write_text(json.dumps({"cuda": cuda, "checks": records}, indent=2, default=str))
-    return 0 if all(r["ok"] is not False for r in records) else 1
+        line = f"{verdict:>13}: {record['check']}" + (f" ({detail})" if detail else "")
+        print(line + (f": {figures(record)}" if figures(record) else ""))
+    out_dir = Path(out) if out else work
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = out_dir / RESULTS_FILE
+    results.write_text(json.dumps({"cuda": cuda, "checks": records}, indent=2, default=str))
+    counts = {
+        v: sum(r["ok"] is k for r in records) for k, v in ((True, "ok"), (None, "refused"), (False, "failed"))
+    }
+    where = f"{results} (removed with the scratch folder: --out keeps it)" if scratch and not out else results
+    print(f"checks: {counts['ok']} ok, {counts['refused']} refused here, {counts['failed']} failed; {where}")
+    return 0 if counts["failed"] == 0 else 1
 
 
 if __name__ == "__main__":

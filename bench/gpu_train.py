@@ -4,6 +4,7 @@
     python bench/gpu_train.py train --size 1b --method qlora [--batch-size 8] [--timed-steps 15] [...]
     python bench/gpu_train.py skip --size 7b --method lora --reason "..."
     python bench/gpu_train.py report [--out DIR]
+    python bench/gpu_train.py --quick [--work DIR] [--out DIR]   # all four on the tiny size, in seconds
 
 `bench/gpu.sh` runs these in order on a GPU machine, each in its own process, so every run starts
 on an empty GPU and a crash or a timeout costs one row of the table, not the whole table.
@@ -25,8 +26,13 @@ peak (comparable to `torch.cuda.max_memory_allocated`, no CUDA context), on a CP
 If the planner cannot estimate, the estimate is left out and the reason is recorded.
 
 Sizes: `1b` has the shape of Llama 3.2 1B (grouped-query attention, a 128k vocabulary, tied
-embeddings), `7b` that of Llama 2 7B, `tiny` a few MB for trying the script on a CPU (there,
-memory is the process's peak resident set size instead).
+embeddings), `7b` that of Llama 2 7B, `8b` that of Llama 3 8B, `tiny` a few MB for trying the
+script on a CPU (there, memory is the process's peak resident set size instead).
+
+`--quick` runs the four commands in this one process on the tiny size, on a CPU as on a GPU:
+`prepare` (sequences of 64 tokens), `train` for LoRA in packed rows of 256 and for QLoRA, 1 untimed
+and 2 timed steps each, `skip` for a row the way bench/gpu.sh records one, then `report`. It works
+in a temporary folder unless --work is given, and the test suite runs it.
 """
 
 from __future__ import annotations
@@ -34,8 +40,8 @@ from __future__ import annotations
 import os
 import sys
 
-# Run as a script, this file's folder comes first on sys.path, where bench/tokenize.py would hide
-# the standard library's `tokenize` module: put the project root there instead, before anything else.
+# Run as a script, this file's folder comes first on sys.path: put the project root there instead,
+# so that no file in bench/ can hide a module of the same name from the libraries imported below.
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse  # noqa: E402
@@ -637,10 +643,20 @@ def _figure(value, pattern: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per step of bench/gpu.sh, or --quick alone."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default=str(DEFAULT_WORK), help="models, datasets and run records")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--work", default=None, help=f"models, datasets and run records ({DEFAULT_WORK})")
+    parser.add_argument(
+        "--quick", action="store_true", help="prepare, train, skip and report on the tiny size, in seconds"
+    )
+    parser.add_argument(
+        "--out",
+        dest="quick_out",
+        metavar="DIR",
+        help="--quick: where gpu_results.json goes ($OUT, else --work)",
+    )
+    commands = parser.add_subparsers(dest="command")
 
     p = commands.add_parser("prepare", help="build the model folder and dataset of one size")
     p.add_argument("--size", choices=MODEL_SHAPES, required=True)
@@ -670,16 +686,62 @@ def main() -> int:
 
     r = commands.add_parser("report", help="print the table and write gpu_results.json")
     r.add_argument("--out", default=os.environ.get("OUT"), help="where gpu_results.json goes")
+    return parser
 
-    args = parser.parse_args()
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quick == (args.command is not None):
+        parser.error("give one command (prepare, train, skip, report), or --quick alone")
+    if args.quick_out is not None and not args.quick:
+        parser.error("--out before a command belongs to --quick; report takes its own --out after it")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.quick:
+        out = args.quick_out or os.environ.get("OUT")
+        if args.work is not None:
+            return quick(Path(args.work), out)
+        with tempfile.TemporaryDirectory(prefix="loraflow-gpu-bench-quick-") as scratch:
+            return quick(Path(scratch), out)
+    args.work = args.work or str(DEFAULT_WORK)
     if getattr(args, "target_modules", "all-linear") != "all-linear":
         args.target_modules = args.target_modules.split(",")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     Path(args.work).mkdir(parents=True, exist_ok=True)
     if args.command == "prepare":
         prepare(args)
         return 0
     return {"train": train, "skip": skip, "report": report}[args.command](args)
+
+
+QUICK_RUNS = (
+    ("train", "lora", ["--pack-to", "256"]),
+    ("train", "qlora", []),
+    ("skip", "lora", ["--liger", "on", "--reason", "quick mode: a row recorded as skipped"]),
+)
+
+
+def quick(work: Path, out: str | None) -> int:
+    """Every command on the tiny size through the same command line bench/gpu.sh uses; exit status 0
+    when each did what it should: two trained rows ok, the skipped row skipped, the report written."""
+    shutil.rmtree(work / "runs", ignore_errors=True)
+    common = ["--work", str(work)]
+    failed = []
+    if main([*common, "prepare", "--size", "tiny", "--seq-len", "64", "--examples", "12"]) != 0:
+        failed.append("prepare")
+    steps = ["--batch-size", "2", "--untimed-steps", "1", "--timed-steps", "2"]
+    for command, method, options in QUICK_RUNS:
+        argv = [*common, command, "--size", "tiny", "--method", method, *options]
+        if main(argv + steps if command == "train" else argv) != 0:
+            failed.append(f"{command} {method}")
+    out_dir = Path(out) if out else work
+    main([*common, "report", "--out", str(out_dir)])  # 1: the skipped row is not ok, as it should be
+    runs = json.loads((out_dir / RESULTS_FILE).read_text())["runs"]
+    statuses = sorted((r["method"], r.get("variant") or "-", r["status"]) for r in runs)
+    expected = [("lora", "liger-on", "skipped"), ("lora", "packed256", "ok"), ("qlora", "-", "ok")]
+    if statuses != expected:
+        failed.append(f"report rows {statuses}, expected {expected}")
+    print(f"quick: {'FAILED: ' + '; '.join(failed) if failed else 'ok'} ({len(runs)} rows)")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

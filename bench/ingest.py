@@ -1,6 +1,7 @@
 """Benchmark: raw ingestion plus validation of one large alpaca JSON Lines file.
 
     python bench/ingest.py [--rows N] [--seed S] [--keep DIR]
+    python bench/ingest.py --quick     # 20,000 rows, a few seconds (the test suite runs it)
 
 Writes N synthetic alpaca rows (deterministic for a seed) to one .jsonl file, 5% of them bad in eight
 planted ways, then times `ingest_file` and `validate_partition` on it in this process, checks the
@@ -51,6 +52,7 @@ INSTRUCTION_POOL = 4999
 OUTPUT_POOL = 20011
 INPUT_POOL = 7001
 CHUNK_ROWS = 20_000
+QUICK_ROWS = 20_000
 
 # planted kind -> the quarantine reason it should get
 KINDS: dict[str, str] = {
@@ -359,7 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep", type=Path, help="write the files and the DuckDB database here and keep them"
     )
+    parser.add_argument(
+        "--quick", action="store_true", help=f"{QUICK_ROWS:,} rows: the same path and checks in seconds"
+    )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.rows = QUICK_ROWS
     if args.rows < 2:
         parser.error("--rows must be at least 2")
 

@@ -1,6 +1,7 @@
 """Benchmark: loraflow.plan's memory estimates against peaks measured on this CPU.
 
-    .venv/bin/python bench/plan_cpu.py [--steps 3]     # about 5 minutes on a 2-core CPU
+    .venv/bin/python bench/plan_cpu.py [--steps 3] [--store DIR]   # about 5 minutes on a 2-core CPU
+    .venv/bin/python bench/plan_cpu.py --quick     # one row: the tiny Llama's LoRA, 2 steps (CI runs it)
 
 Each case trains a few steps with `loraflow.train.train_adapter` in a fresh process and reads the
 process's peak resident set size (VmHWM in /proc/self/status) after its last step; the estimate
@@ -12,6 +13,9 @@ Two allocator settings: glibc's default, whose heap grows step by step past the 
 planner adds half the heap-held activations for it), and MALLOC_MMAP_THRESHOLD_=65536, where
 every activation is mapped and unmapped and resident memory follows the live bytes (the planner
 adds nothing). The table prints both, with each step's peak.
+
+`--quick` measures one row, the tiny Llama's LoRA case under MALLOC_MMAP_THRESHOLD_=65536, for 2
+steps: the same estimate, measuring process and table, in well under a minute.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ from __future__ import annotations
 import os
 import sys
 
-# Run as a script, this file's folder comes first on sys.path, where bench/tokenize.py would hide
-# the standard library's `tokenize` module: put the project root there instead, before anything else.
+# Run as a script, this file's folder comes first on sys.path: put the project root there instead,
+# so that no file in bench/ can hide a module of the same name from the libraries imported below.
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse  # noqa: E402
+import atexit  # noqa: E402
 import datetime  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import textwrap  # noqa: E402
 import threading  # noqa: E402
@@ -32,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 MAPPED = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+QUICK_STEPS = 2
 
 
 def tiny_model(folder: Path, tokenizer) -> Path:
@@ -79,11 +86,25 @@ def pipeline_yaml(folder: Path, name: str, method: str, batch: int, steps: int, 
     return path
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--parallel", type=int, default=2, help="cases measured at once")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--store",
+        default=os.environ.get("LORAFLOW_HOME", str(Path(sys.path[0]) / ".loraflow")),
+        help="where the built-in model is (or gets) converted",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"one row: the tiny Llama's LoRA, mapped allocator, {QUICK_STEPS} steps",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps = QUICK_STEPS
+    if args.steps < 1 or args.parallel < 1:
+        parser.error("--steps and --parallel must be positive")
 
     from loraflow.base_model import load_tokenizer, resolve_base_model
     from loraflow.dataset import build_dataset
@@ -93,8 +114,8 @@ def main() -> int:
     from loraflow.spec import BaseModelSpec, FormatSpec, load_spec
 
     work = Path(tempfile.mkdtemp(prefix="loraflow-plan-cpu-"))
-    home = Path(os.environ.get("LORAFLOW_HOME", Path(sys.path[0]) / ".loraflow"))
-    smol = resolve_base_model(BaseModelSpec(source="smollm2-135m-instruct"), home).path
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # scratch: models, data, adapters
+    smol = resolve_base_model(BaseModelSpec(source="smollm2-135m-instruct"), Path(args.store)).path
     tokenizer = load_tokenizer(smol)
     tiny = tiny_model(work / "tiny-llama", tokenizer)
     fmt = FormatSpec(eval_size=2, max_seq_len=128)
@@ -106,7 +127,10 @@ def main() -> int:
         ("SmolLM2-135M", smol, "qlora", 4, False),
         ("SmolLM2-135M", smol, "lora", 8, True),
     ]
-    runs = [(case, mode) for case in cases for mode in ("mapped", "default")]
+    if args.quick:
+        cases = cases[:1]
+    modes = ("mapped",) if args.quick else ("mapped", "default")
+    runs = [(case, mode) for case in cases for mode in modes]
     environment = threading.Lock()
 
     def measure(run):

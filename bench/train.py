@@ -38,15 +38,17 @@ from __future__ import annotations
 import os
 import sys
 
-# Run as a script, this file's folder comes first on sys.path, where bench/tokenize.py would hide
-# the standard library's `tokenize` module: put the project root there instead, before anything else.
+# Run as a script, this file's folder comes first on sys.path: put the project root there instead,
+# so that no file in bench/ can hide a module of the same name from the libraries imported below.
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse  # noqa: E402
+import atexit  # noqa: E402
 import datetime  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -356,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     model = resolve_base_model(BaseModelSpec(), Path(args.store))
     tokenizer = load_tokenizer(model.path)
     work = Path(tempfile.mkdtemp(prefix="loraflow-bench-train-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # scratch: models, data, adapters
     model_dir = tiny_model(work / "tiny-llama", tokenizer) if args.quick else Path(model.path)
     print(
         f"model: {'a two-layer Llama (quick mode)' if args.quick else 'SmolLM2-135M-Instruct'}, fp32 LoRA r=16 q/k/v/o"

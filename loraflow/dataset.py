@@ -10,7 +10,6 @@ later stage renders with) and `summary.json` (counts and token statistics).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -30,6 +29,7 @@ from loraflow.formatting import (
     tokenize_conversations,
     with_system_prompt,
 )
+from loraflow.hashing import content_hash
 from loraflow.packing import planned_efficiency
 from loraflow.spec import FormatSpec
 from loraflow.templates import end_of_turn, using_template
@@ -93,13 +93,16 @@ def select_examples(con: duckdb.DuckDBPyConnection, pipeline: str) -> tuple[list
 def dataset_version(splits: dict[str, str], tokenizer_hash: str, chat_template: str, fmt: FormatSpec) -> str:
     """Content hash of everything that decides the stored dataset: each example hash with its split,
     the tokenizer files, the template and the formatting settings (those that shape tokens)."""
-    settings = fmt.model_dump(mode="json", exclude=_BATCHING_ONLY)
-    digest = hashlib.sha256()
-    for part in (LAYOUT, tokenizer_hash, chat_template, json.dumps(settings, sort_keys=True)):
-        digest.update(part.encode() + b"\0")
-    for example_hash in sorted(splits):
-        digest.update(f"{example_hash}:{splits[example_hash]}".encode())
-    return digest.hexdigest()[:20]
+    return content_hash(
+        {
+            "layout": LAYOUT,
+            "tokenizer": tokenizer_hash,
+            "chat_template": chat_template,
+            "settings": fmt.model_dump(mode="json", exclude=_BATCHING_ONLY),
+            "splits": sorted(splits.items()),
+        },
+        length=20,
+    )
 
 
 def percentile(sorted_values: list[int], q: float) -> int:

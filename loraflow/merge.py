@@ -9,7 +9,6 @@ newest version (replaced in one rename), so a failed publish leaves the previous
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 
 from loraflow.artifacts import atomic_dir, file_sha256
 from loraflow.base_model import checkpoint_dtype, load_causal_lm, load_tokenizer, torch_dtype
+from loraflow.hashing import content_hash
 from loraflow.templates import end_of_turn
 
 LATEST = "latest"
@@ -52,8 +52,9 @@ def publish_version(adapter_dir: Path, base_model_hash: str, dtype: str) -> str:
     """Version of a merged model: hash of the adapter's files, the base and the dtype."""
     # the adapter's weights and config decide the merged weights; its training log does not
     files = [Path(adapter_dir) / name for name in ("adapter_model.safetensors", "adapter_config.json")]
-    blob = ":".join([*(file_sha256(f) for f in files), base_model_hash, dtype]).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return content_hash(
+        {"adapter": [file_sha256(f) for f in files], "base_model": base_model_hash, "dtype": dtype}
+    )
 
 
 FLOAT32_TOLERANCE = 1e-3

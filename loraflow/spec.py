@@ -1,4 +1,4 @@
-"""The pipeline spec: what one `pipelines/<name>.yaml` may say, and how it is checked.
+"""The pipeline spec: what one fine-tune (`pipelines/defs/<name>/defs.yaml`) may say, and how it is checked.
 
 Every section is its own pydantic model and every field is documented where it is declared;
 those docstrings are the reference for writing a new pipeline. Loading is strict: unknown keys,
@@ -12,8 +12,6 @@ runs without Dagster, validates exactly the same YAML.
 from __future__ import annotations
 
 import glob
-import hashlib
-import json
 import re
 import types
 import typing
@@ -22,6 +20,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from loraflow.hashing import content_hash
 
 PIPELINE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 BUILTIN_MODELS = ("smollm2-135m-instruct",)
@@ -617,11 +617,9 @@ class PlanSpec(Section):
     a GPU shared with other work, or a CPU machine that must stay usable. Unset: all the free memory."""
 
 
-class PipelineSpec(Section):
-    """One fine-tune: everything from raw files to a published model."""
-
-    name: str
-    """The pipeline's name: the YAML file's stem. Key prefix and group name in Dagster."""
+class PipelineAttributes(Section):
+    """What a fine-tune's YAML says: everything from raw files to a published model. These are the
+    `attributes` of a `FineTune` component file (`pipelines/defs/<name>/defs.yaml`)."""
 
     description: str = ""
     """One or two sentences shown in the Dagster UI."""
@@ -662,6 +660,14 @@ class PipelineSpec(Section):
     (`make mlflow` browses it). `wandb`: Weights & Biases (the `wandb` extra; WANDB_* variables
     apply). `tensorboard`: event files under the artifact home (the `tensorboard` extra). `none`."""
 
+
+class PipelineSpec(PipelineAttributes):
+    """One fine-tune: its attributes, its name and the project root its paths resolve against."""
+
+    name: str
+    """The pipeline's name: its folder's name (`pipelines/defs/<name>/defs.yaml`), or the stem of a
+    plain spec file. Key prefix and group name in Dagster."""
+
     root: Path = Field(exclude=True)
     """The project root that relative source paths resolve against (set by the loader)."""
 
@@ -670,20 +676,29 @@ class PipelineSpec(Section):
     def _name_is_identifier(cls, value: str) -> str:
         if not PIPELINE_NAME.match(value):
             raise ValueError(
-                f"pipeline name {value!r} must be letters, digits and underscores (rename the YAML file)"
+                f"pipeline name {value!r} must be letters, digits and underscores (rename its folder or file)"
             )
         if value.lower() in RESERVED_NAMES:
             raise ValueError(
                 f"pipeline name {value!r} is taken by the warehouse (its schema would clash with a DuckDB "
-                f"catalog); rename the YAML file (reserved: {', '.join(sorted(RESERVED_NAMES))})"
+                f"catalog); rename its folder or file (reserved: {', '.join(sorted(RESERVED_NAMES))})"
             )
         return value
 
     def section_version(self, *sections: str) -> str:
         """A short hash of the named spec sections: the code_version of assets that use them."""
-        payload = {s: self.model_dump(mode="json")[s] for s in sections}
-        blob = json.dumps(payload, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        dumped = self.model_dump(mode="json")
+        return content_hash({s: dumped[s] for s in sections})
+
+    def training_version(self) -> str:
+        """The adapter's code version: the `training` section and the format settings that shape
+        its batches (packing and the sequence length)."""
+        return content_hash(
+            {
+                "training": self.model_dump(mode="json")["training"],
+                "batching": [self.format.packing, self.format.max_seq_len],
+            }
+        )
 
     def source_files(self) -> dict[Path, SourceSpec]:
         """Every file the sources match, sorted, each once with the first source that matched it."""
@@ -786,7 +801,7 @@ def _describe(error: dict[str, Any]) -> tuple[tuple[int | str, ...], str]:
     loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "float"))))
     if error["type"] == "extra_forbidden":
         parent = _model_at(loc[:-1])
-        allowed = ", ".join(k for k in parent.model_fields if k != "root") if parent else "?"
+        allowed = ", ".join(k for k in parent.model_fields if k not in ("root", "name")) if parent else "?"
         return loc, f"unknown key (allowed here: {allowed})"
     if error["type"] == "missing":
         return loc, "required key is missing"
@@ -794,15 +809,36 @@ def _describe(error: dict[str, Any]) -> tuple[tuple[int | str, ...], str]:
     return loc, f"{message} (got {error.get('input')!r})" if error["type"] != "value_error" else message
 
 
-def load_spec(path: str | Path, root: str | Path | None = None) -> PipelineSpec:
-    """Load and check one pipeline YAML.
+COMPONENT_FILE = "defs.yaml"
+COMPONENT_KEYS = ("type", "attributes")
 
-    `root` is the folder relative source paths resolve against; by default the folder above
-    the YAML's own (the project root for `pipelines/<name>.yaml`). Raises SpecError naming the
+
+def project_root_of(path: Path) -> Path:
+    """The project root of a pipeline file: the nearest folder above it with a pyproject.toml, else
+    the root its layout implies (`<root>/pipelines/defs/<name>/defs.yaml`, `<root>/pipelines/<name>.yaml`)."""
+    path = path.resolve()
+    for folder in path.parents:
+        if (folder / "pyproject.toml").is_file():
+            return folder
+    return path.parents[3] if path.name == COMPONENT_FILE and len(path.parents) > 3 else path.parent.parent
+
+
+def pipeline_name_of(path: Path) -> str:
+    """A component file is named after its folder (`.../<name>/defs.yaml`), a plain spec after its stem."""
+    return path.parent.name if path.name == COMPONENT_FILE else path.stem
+
+
+def load_spec(path: str | Path, root: str | Path | None = None) -> PipelineSpec:
+    """Load and check one pipeline file.
+
+    Two layouts hold the same keys: a `FineTune` component file (`pipelines/defs/<name>/defs.yaml`,
+    the keys under `attributes:` beside `type:`), and a plain spec file (`<name>.yaml`, the keys at the
+    top level), which the planner and the examples use. `root` is the folder relative source paths
+    resolve against; by default the project root (see `project_root_of`). Raises SpecError naming the
     file, each bad key path with its line, and what is allowed there.
     """
     path = Path(path)
-    root = Path(root) if root is not None else path.resolve().parent.parent
+    root = Path(root) if root is not None else project_root_of(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -816,28 +852,92 @@ def load_spec(path: str | Path, root: str | Path | None = None) -> PipelineSpec:
         raise SpecError(f"{path}: the file is empty; a pipeline needs at least a `data.sources` list")
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: the top level must be a mapping of keys (data, training, ...)")
-    if "name" in raw or "root" in raw:
-        key = "name" if "name" in raw else "root"
-        raise SpecError(f"{path}: key '{key}' is not allowed; the pipeline name is the file name")
+    prefix: tuple[str, ...] = ()
+    if path.name == COMPONENT_FILE or "type" in raw:
+        unknown = [k for k in raw if k not in COMPONENT_KEYS]
+        if unknown or "attributes" not in raw:
+            raise SpecError(
+                f"{path}: a component file has `type:` and `attributes:` at the top level, and the "
+                f"pipeline's keys (data, training, ...) under `attributes:`; "
+                + (
+                    f"found {', '.join(map(str, unknown))} beside them"
+                    if unknown
+                    else "`attributes:` is missing"
+                )
+            )
+        raw, prefix = raw["attributes"], ("attributes",)
+        if not isinstance(raw, dict):
+            raise SpecError(f"{path}: `attributes:` must be a mapping of keys (data, training, ...)")
+    for key in ("name", "root"):
+        if key in raw:
+            raise SpecError(
+                f"{path}: key '{'.'.join((*prefix, key))}' is not allowed; the pipeline is named after "
+                + ("its folder" if prefix else "the file")
+            )
+    return validate_attributes(
+        raw, name=pipeline_name_of(path), root=root, source=path, node=node, prefix=prefix
+    )
+
+
+def validate_attributes(
+    raw: dict,
+    *,
+    name: str,
+    root: str | Path,
+    source: str | Path,
+    node: yaml.Node | None = None,
+    prefix: tuple[str, ...] = (),
+) -> PipelineSpec:
+    """The spec of one pipeline from its keys as read from `source`. Raises SpecError naming `source`,
+    each bad key path (under `prefix`) with its line in `node` (the composed YAML), and what is allowed."""
     try:
-        return PipelineSpec.model_validate({**raw, "name": path.stem, "root": root})
+        return PipelineSpec.model_validate({**raw, "name": name, "root": Path(root)})
     except ValidationError as err:
-        lines = [f"{path}: {err.error_count()} problem(s) in the pipeline spec"]
+        lines = [f"{source}: {err.error_count()} problem(s) in the pipeline spec"]
         for error in err.errors():
             loc, message = _describe(error)
-            key_path = ".".join(str(p) for p in loc) or "(top level)"
-            line = _line_of(node, loc)
+            key_path = ".".join(str(p) for p in (*prefix, *loc)) or "(top level)"
+            line = _line_of(node, (*prefix, *loc))
             where = f" (line {line})" if line else ""
             lines.append(f"  - {key_path}{where}: {message}")
         raise SpecError("\n".join(lines)) from None
 
 
+def pipeline_files(folder: str | Path) -> list[Path]:
+    """The pipeline files of a folder: every `<name>/defs.yaml` below it and every `<name>.yaml` in it."""
+    folder = Path(folder)
+    return sorted([*folder.glob(f"*/{COMPONENT_FILE}"), *folder.glob("*.yaml")])
+
+
 def load_specs(folder: str | Path) -> tuple[list[PipelineSpec], list[SpecError]]:
-    """Every `*.yaml` in a folder: the specs that load and the errors of those that do not."""
+    """Every pipeline file in a folder: the specs that load and the errors of those that do not."""
     specs, errors = [], []
-    for path in sorted(Path(folder).glob("*.yaml")):
+    for path in pipeline_files(folder):
         try:
             specs.append(load_spec(path))
         except SpecError as err:
             errors.append(err)
     return specs, errors
+
+
+def spec_json_schema() -> dict:
+    """The JSON schema of a `FineTune` component file (`type:` + `attributes:`), for editors that
+    complete and check YAML (the `# yaml-language-server: $schema=` line of each file points at it)."""
+    attributes = PipelineAttributes.model_json_schema()
+    defs = attributes.pop("$defs", {})
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "loraflow fine-tune",
+        "description": "One fine-tune: a FineTune component file, pipelines/defs/<name>/defs.yaml.",
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["type", "attributes"],
+        "properties": {
+            "type": {
+                "type": "string",
+                "description": "The component class, e.g. pipelines.component.FineTune.",
+            },
+            "attributes": attributes,
+        },
+        "$defs": defs,
+    }

@@ -25,7 +25,6 @@ optional `progress` callback.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -52,8 +51,9 @@ from loraflow.engine import (
     targets_of,
     token_loss_sum,
 )
+from loraflow.hashing import content_hash
 from loraflow.packing import pack_examples, packing_efficiency
-from loraflow.runtime import Runtime, TrainingError, resolve_runtime
+from loraflow.runtime import Runtime, TrainingError, resolve_dtypes, resolve_runtime
 from loraflow.spec import LoraSpec, TrainingSpec
 from loraflow.tracking import Tracking, check_installed, flatten, log_artifact, tracked_run
 
@@ -208,22 +208,34 @@ def load_model(training: TrainingSpec, runtime: Runtime, base_model_dir: Path, t
     return model
 
 
+def adapter_version(
+    training: TrainingSpec, dataset_version: str, base_model_hash: str, pack_to: int | None, device_kind: str
+) -> str:
+    """An adapter's version: what decides its weights (the dataset, the base, the training settings,
+    the row length when packing) and, where the spec says `auto`, the dtypes resolved on `device_kind`:
+    the same YAML trained on a CPU and on a GPU is two adapters."""
+    quantization = training.quantization
+    compute = quantization.compute_dtype if training.method == "qlora" and quantization else None
+    dtypes = [list(resolve_dtypes(training, device_kind))] if "auto" in (training.dtype, compute) else []
+    return content_hash(
+        [dataset_version, base_model_hash, training.model_dump(mode="json"), pack_to, *dtypes]
+    )
+
+
 def run_fingerprint(
     training: TrainingSpec, dataset_dir: Path, base_model_dir: Path, pack_to: int | None, runtime: Runtime
 ) -> str:
     """What a checkpoint must match to be resumed: the settings (as resolved here), the data and
     the base model."""
-    blob = json.dumps(
+    return content_hash(
         [
             training.model_dump(mode="json"),
             Path(dataset_dir).name,
             str(base_model_dir),
             pack_to,
             [runtime.dtype, runtime.compute_dtype, runtime.attention],
-        ],
-        sort_keys=True,
+        ]
     )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def latest_checkpoint(folder: Path, fingerprint: str) -> tuple[Path, dict] | None:

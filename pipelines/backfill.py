@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("pipeline", help="the pipeline's name: pipelines/<name>.yaml")
+    parser.add_argument("pipeline", help="the pipeline's name: pipelines/defs/<name>/defs.yaml")
     parser.add_argument(
         "--from",
         dest="first",

@@ -23,7 +23,7 @@ from loraflow.sources import SourceChanges, diff_sources, scan_sources
 from loraflow.spec import PipelineSpec, SpecError, load_spec
 from loraflow.validate import drop_partition
 from pipelines.deployment import deployment_resources
-from pipelines.paths import PROJECT_ROOT, default_home, default_pipelines_dir
+from pipelines.paths import PROJECT_ROOT, default_home, pipeline_file
 from pipelines.sensors import last_validation
 
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("pipeline", help="the pipeline's name: pipelines/<name>.yaml")
+    parser.add_argument("pipeline", help="the pipeline's name: pipelines/defs/<name>/defs.yaml")
     args = parser.parse_args(argv)
     if "DAGSTER_HOME" not in os.environ:
         os.environ["DAGSTER_HOME"] = str(PROJECT_ROOT / ".dagster")
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         (dagster_home / "dagster.yaml").symlink_to(PROJECT_ROOT / "dagster.yaml")
 
     try:
-        spec = load_spec(default_pipelines_dir() / f"{args.pipeline}.yaml")
+        spec = load_spec(pipeline_file(args.pipeline))
     except SpecError as err:
         print(err, file=sys.stderr)
         return 2

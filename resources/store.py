@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from dagster import ConfigurableIOManager, ConfigurableResource, InputContext, OutputContext
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from loraflow.artifacts import write_json_atomic
+from loraflow.manifests import MANIFESTS, Manifest
 
 
 class ArtifactStore(ConfigurableResource):
@@ -52,12 +53,32 @@ class ManifestIOManager(ConfigurableIOManager):
     def handle_output(self, context: OutputContext, obj: Any) -> None:
         if obj is None:
             return
-        write_json_atomic(self._file(context), obj)
+        model = MANIFESTS.get(context.asset_key.path[-1])
+        if model is not None and not isinstance(obj, model):
+            raise TypeError(
+                f"{context.asset_key.to_user_string()} must output a {model.__name__}, not {type(obj).__name__}"
+            )
+        write_json_atomic(
+            self._file(context), obj.model_dump(mode="json") if isinstance(obj, Manifest) else obj
+        )
 
     def load_input(self, context: InputContext) -> Any:
+        """The upstream manifest, as its typed model (loraflow.manifests) where the stage has one."""
         path = self._file(context)
+        name = context.asset_key.to_user_string()
         if not path.is_file():
-            raise FileNotFoundError(
-                f"{path}: no manifest for {context.asset_key.to_user_string()}; materialize it first"
+            raise FileNotFoundError(f"{path}: no manifest for {name}; materialize it first")
+        value = json.loads(path.read_text())
+        model = MANIFESTS.get(context.asset_key.path[-1])
+        if model is None:
+            return value
+        try:
+            return model.model_validate(value)
+        except ValidationError as err:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in err.errors()
             )
-        return json.loads(path.read_text())
+            raise ValueError(
+                f"{path}: the manifest of {name} does not match {model.__name__} ({problems}); it was written "
+                f"by another version of loraflow: materialize {name} again"
+            ) from None

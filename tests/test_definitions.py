@@ -1,4 +1,4 @@
-"""pipelines/definitions.py: one asset group per YAML; a broken YAML stops the load with its name."""
+"""pipelines/definitions.py: one asset group per fine-tune; a broken file stops the load with its name."""
 
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ def test_one_broken_yaml_stops_the_load_naming_every_broken_file(project):
 
 
 def _validate(pipelines: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`dagster definitions validate` on the code location, with LORAFLOW_PIPELINES at `pipelines`."""
     env = {
         **os.environ,
         "LORAFLOW_PIPELINES": str(pipelines),
@@ -72,18 +73,27 @@ def _validate(pipelines: Path, tmp_path: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_dagster_validate_passes_on_the_repository_and_lists_its_groups(tmp_path):
-    result = _validate(REPO / "pipelines", tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "pipeline group(s)" in result.stderr and "demo (" in result.stderr
+def test_dagster_validate_loads_another_folder_and_fails_on_a_misspelt_key_naming_file_and_key(
+    project, tmp_path
+):
+    """The project's own folder goes through Dagster's component loader (tests/test_dg.py runs dg on
+    it); LORAFLOW_PIPELINES points the same code location at another folder of either layout."""
+    write_yaml(project / "pipelines", "triage", SOURCES)
+    (project / "pipelines" / "roleplay").mkdir()
+    (project / "pipelines" / "roleplay" / "defs.yaml").write_text(
+        "type: pipelines.component.FineTune\nattributes:\n  " + SOURCES.replace("\n", "\n  ")
+    )
+    other = _validate(project / "pipelines", tmp_path)
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert (
+        "2 pipeline group(s)" in other.stderr and "roleplay (" in other.stderr and "triage (" in other.stderr
+    )
 
-
-def test_dagster_validate_fails_on_a_misspelt_key_naming_file_and_key(project, tmp_path):
     path = write_yaml(project / "pipelines", "typo", SOURCES + "evaluation:\n  max_exmaples: 3\n")
     result = _validate(project / "pipelines", tmp_path)
     assert result.returncode != 0
-    assert str(path) in result.stderr or str(path) in result.stdout
-    assert "evaluation.max_exmaples" in result.stderr + result.stdout
+    assert str(path) in result.stderr + result.stdout
+    assert "evaluation.max_exmaples (line 5): unknown key" in result.stderr + result.stdout
 
 
 def test_the_repositorys_instance_queues_runs_limits_backfills_and_the_gpu_pool_and_retries_crashes(tmp_path):

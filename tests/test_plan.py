@@ -470,7 +470,7 @@ def test_under_glibcs_default_heap_the_demos_own_training_is_within_15_percent_o
     from loraflow.templates import resolve_template
     from loraflow.validate import validate_partition
 
-    demo = load_spec(Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml")
+    demo = load_spec(Path(__file__).resolve().parents[1] / "pipelines" / "defs" / "demo" / "defs.yaml")
     con = duckdb.connect()
     for path in write_demo_data(project / "data", n=400):
         ingest_file(con, "demo", path.name, path, demo.data.sources[0])

@@ -29,7 +29,7 @@ def test_minimal_yaml_fills_documented_defaults(project):
 
 
 def test_the_demo_pipeline_loads():
-    spec = load_spec(REPO / "pipelines" / "demo.yaml")
+    spec = load_spec(REPO / "pipelines" / "defs" / "demo" / "defs.yaml")
     assert spec.name == "demo"
     assert spec.training.method == "qlora"
     assert spec.evaluation.gate.metric == "format_match"
@@ -123,7 +123,7 @@ def test_missing_sources_and_empty_file(project):
 def test_name_comes_from_the_file_and_must_be_an_identifier(project):
     with pytest.raises(SpecError, match="pipeline name 'my-model' must be letters, digits and underscores"):
         load_spec(write_yaml(project / "pipelines", "my-model", MINIMAL))
-    with pytest.raises(SpecError, match="the pipeline name is the file name"):
+    with pytest.raises(SpecError, match="the pipeline is named after the file"):
         load_spec(write_yaml(project / "pipelines", "triage", "name: other\n" + MINIMAL))
 
 
@@ -188,3 +188,40 @@ def test_a_chat_template_must_be_a_name_a_file_or_valid_jinja(project):
         load_spec(
             write_yaml(project / "pipelines", "triage", MINIMAL + f"format:\n  chat_template: {good}\n")
         )
+
+
+def test_a_component_file_holds_the_spec_under_attributes_and_its_errors_name_file_key_and_line(tmp_path):
+    folder = tmp_path / "pipelines" / "defs" / "triage"
+    folder.mkdir(parents=True)
+    path = folder / "defs.yaml"
+    path.write_text(
+        "type: pipelines.component.FineTune\n"
+        "attributes:\n"
+        "  data:\n"
+        "    sources:\n"
+        "      - path: data/*.jsonl\n"
+        "  training:\n"
+        "    max_stpes: 3\n"
+    )
+    with pytest.raises(SpecError) as error:
+        load_spec(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: 1 problem(s)")
+    assert "attributes.training.max_stpes (line 7): unknown key (allowed here: method," in message
+
+    path.write_text(path.read_text().replace("max_stpes", "max_steps"))
+    spec = load_spec(path)
+    assert (spec.name, spec.root, spec.training.max_steps) == (
+        "triage",
+        tmp_path,
+        3,
+    )  # named after the folder
+
+    path.write_text("type: pipelines.component.FineTune\nattrbutes:\n  data: {}\n")
+    with pytest.raises(SpecError, match=r"found attrbutes beside them"):
+        load_spec(path)
+    path.write_text("type: pipelines.component.FineTune\nattributes:\n  name: other\n  data: {}\n")
+    with pytest.raises(
+        SpecError, match=r"key 'attributes.name' is not allowed; the pipeline is named after its folder"
+    ):
+        load_spec(path)

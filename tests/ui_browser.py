@@ -27,7 +27,7 @@ CHROMIUM = os.environ.get("LORAFLOW_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("LORAFLOW_CHROMEDRIVER", "/usr/bin/chromedriver")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking")
 # `dagster dev -m pipelines.definitions` serves one code location named after the module.
-LOCATION = "pipelines.definitions"
+LOCATION = "loraflow"  # [tool.dg.project] code_location_name
 REPOSITORY = "__repository__"
 ASSET_JOB = "__ASSET_JOB"
 FINISHED = {"SUCCESS", "FAILURE", "CANCELED"}
@@ -240,10 +240,16 @@ class DagsterDev:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [str(Path(sys.executable).with_name("dagster")), "dev", "-m", LOCATION, "-d", str(REPO)]
-                + ["--host", "127.0.0.1", "--port", str(self.port)],
-                # inside DAGSTER_HOME, so the instance config dagster finds is the one there
-                cwd=self.dagster_home,
+                # what `make ui` runs: dg dev in the project, the instance at DAGSTER_HOME
+                [
+                    str(Path(sys.executable).with_name("dg")),
+                    "dev",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                ],
+                cwd=REPO,
                 env={**os.environ, **self.env, "DAGSTER_HOME": str(self.dagster_home)},
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -1,7 +1,7 @@
 """`python -m loraflow.plan`: the guide's tables beside the planner's estimates, or one pipeline's plan.
 
 python -m loraflow.plan                         # the guide's memory and cost tables, recomputed
-python -m loraflow.plan pipelines/demo.yaml     # that pipeline: memory, fit, time and cost
+python -m loraflow.plan pipelines/defs/demo/defs.yaml     # that pipeline: memory, fit, time and cost
     [--dataset DIR] [--tokens N] [--gpu A100] [--price 3.0] [--device cuda|cpu]
 """
 

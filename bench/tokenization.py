@@ -1,6 +1,7 @@
 """Benchmark: formatting and tokenizing chat examples with loss masks, and packing efficiency.
 
-    python bench/tokenize.py [--examples N] [--max-seq-len L]
+    python bench/tokenization.py [--examples N] [--max-seq-len L] [--store DIR]
+    python bench/tokenization.py --quick     # 2,000 examples, a few seconds (the test suite runs it)
 
 Formats N demo triage examples (default 100,000) with SmolLM2's chat template, tokenizes them with
 loss masks from character offsets (the code the training_dataset asset runs), and packs them into
@@ -14,8 +15,8 @@ from __future__ import annotations
 import os
 import sys
 
-# Run as a script, this file's folder comes first on sys.path, where its name would hide the
-# standard library's `tokenize` module: put the project root there instead, before anything else.
+# Run as a script, this file's folder comes first on sys.path: put the project root there instead,
+# so that no file in bench/ can hide a module of the same name from the libraries imported below.
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse  # noqa: E402
@@ -32,9 +33,10 @@ from loraflow.spec import BaseModelSpec  # noqa: E402
 
 SYSTEM_PROMPT = "You triage customer messages."
 BATCH = 8
+QUICK_EXAMPLES = 2_000
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -45,7 +47,14 @@ def main() -> int:
         default=os.environ.get("LORAFLOW_HOME", ".loraflow"),
         help="where the built-in model is (or gets) converted",
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--quick", action="store_true", help=f"{QUICK_EXAMPLES:,} examples: the same path in seconds"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.examples = QUICK_EXAMPLES
+    if args.examples < 1 or args.max_seq_len < 1:
+        parser.error("--examples and --max-seq-len must be positive")
 
     print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}")

@@ -1,0 +1,1 @@
+"""Data files shipped inside the loraflow package, read with importlib.resources."""
