@@ -548,21 +548,22 @@ class KubernetesSpec(Section):
 class ScheduleSpec(Section):
     """When the pipeline retrains on its own, and whether its source files are watched.
 
-    The schedule runs base_model -> training_dataset -> adapter -> evaluation -> published_model,
-    and skips, saying why, when nothing the adapter depends on changed since its last training:
-    the source files' validated data, the base model, and the `format` and `training` sections."""
+    At each tick of `cron`, Dagster's automation trains the adapter only when something it depends
+    on changed since its last training (new validated data, the base model, the `format` or
+    `training` section), then evaluates and publishes when the gate passes; a tick with nothing
+    changed starts nothing."""
 
     cron: str | None = None
     """When to check for changes and retrain, as a five-field cron string (minute hour day month
-    weekday), e.g. `0 3 * * 1` for Mondays at 03:00. Unset: no schedule. A frequent check is cheap:
-    unchanged inputs skip without loading anything."""
+    weekday), e.g. `0 3 * * 1` for Mondays at 03:00. Unset: trainings only when started by hand. A
+    frequent check is cheap: it reads versions from the instance and loads nothing."""
 
     timezone: str = "UTC"
     """The IANA time zone the cron string is read in, e.g. `Europe/Berlin`."""
 
     enabled: bool = True
-    """Whether the schedule is running when Dagster first loads it (false: stopped until started
-    in the UI). After that, the UI's toggle is what counts."""
+    """Whether the retrain automation (the `<name>__retrain` sensor) is running when Dagster first
+    loads it (false: stopped until started in the UI). After that, the UI's toggle is what counts."""
 
     watch_files: bool = True
     """Whether the source-file sensor (new, changed and deleted files become partitions and

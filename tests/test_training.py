@@ -131,26 +131,11 @@ def test_an_interrupted_run_resumes_to_the_same_adapter_bit_for_bit(tokenizer, t
     assert not checkpoints.exists()  # removed once the adapter is saved
 
 
-def _ddp_rank(rank: int, port: int, args: tuple) -> None:
-    import os
-
-    import torch
-
-    torch.set_num_threads(1)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank)
-    )
-    train_adapter(*args)
-    torch.distributed.destroy_process_group()
-
-
-def test_two_ranks_follow_the_loss_curve_of_one_process_with_the_same_global_batch(
+def test_gradient_accumulation_follows_the_loss_curve_of_one_batch_of_the_same_size(
     tokenizer, tiny_model_dir, tmp_path
 ):
-    import socket
-
-    import torch.multiprocessing as mp
-
+    """Two batches of 2 accumulated train as one batch of 4. Two ranks of 2 do too: through torchrun
+    and the trainer resource, in tests/test_trainer_modes.py."""
     data = dataset(tokenizer, tmp_path / "datasets", tokenizer.chat_template, n=40)
     one = train_adapter(lora_spec(batch_size=4), tiny_model_dir, data.path, tmp_path / "one")
     accumulated = train_adapter(
@@ -159,19 +144,7 @@ def test_two_ranks_follow_the_loss_curve_of_one_process_with_the_same_global_bat
         data.path,
         tmp_path / "accumulated",
     )
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    mp.spawn(
-        _ddp_rank,
-        args=(port, (lora_spec(batch_size=2), tiny_model_dir, data.path, tmp_path / "two")),
-        nprocs=2,
-    )
-    two = json.loads((tmp_path / "two" / "training_summary.json").read_text())
-
     reference = [loss for _, loss in one.loss_curve]
-    assert two["world_size"] == 2
-    assert [loss for _, loss in two["loss_curve"]] == pytest.approx(reference, abs=1e-5)
     assert [loss for _, loss in accumulated.loss_curve] == pytest.approx(reference, abs=1e-5)
 
 
