@@ -9,7 +9,7 @@ export GX_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test ui mlflow lint clean
+.PHONY: install demo test ui mlflow llama-cpp lint clean
 
 install: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 
@@ -32,8 +32,16 @@ demo: install
 	$(PY) -m loraflow.demo_data data/demo
 	$(PY) -m pipelines.run demo
 
+# Two workers (most tests wait on subprocesses, daemons and a browser as much as they compute), each
+# with its share of the cores for torch's threads (more would oversubscribe them: on 2 cores the
+# default of 2 threads a worker made a sample of the suite 27% slower), then the tests that measure
+# their own process's memory, alone and with torch's default threads, as a user's process runs
+# (they are in tests/test_plan.py: collecting only that file saves importing the rest again).
+TEST_WORKERS ?= 2
+TEST_THREADS := $(shell $(PYTHON) -c "import os; print(max(1, (os.cpu_count() or 1) // $(TEST_WORKERS)))")
 test: install
-	$(PY) -m pytest
+	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not alone"
+	$(PY) -m pytest -m alone tests/test_plan.py
 
 # The webserver and the daemon (sensors, automation, queued runs) on 127.0.0.1:$(UI_PORT), through
 # dg dev; Ctrl-C stops both and the code server. The instance is the one at DAGSTER_HOME (dagster.yaml
@@ -51,6 +59,13 @@ mlflow: install
 	mkdir -p $(MLFLOW_STORE)
 	exec $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(MLFLOW_STORE)/mlflow.db \
 		--default-artifact-root $(MLFLOW_STORE)/artifacts --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+# Optional, not part of make test: the demo's published GGUF run in llama.cpp itself (llama-cpp-python,
+# compiled from source on the first call), its greedy answers compared with transformers'.
+PIPELINE ?= demo
+llama-cpp: install
+	$(PY) -c 'import llama_cpp' 2>/dev/null || $(PIP) install --quiet llama-cpp-python==0.3.36
+	$(PY) -m loraflow.llama_cpp $(PIPELINE)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,7 +1,9 @@
-"""`published_model`: the adapter merged into a full-precision base, with a model card and lineage."""
+"""`published_model`: the adapter merged into a full-precision base, with a model card and lineage,
+and the GGUF exports (llama.cpp, Ollama) the pipeline asks for, each checked against the merge."""
 
 import subprocess
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 from dagster import (
@@ -21,6 +23,7 @@ from assets.keys import asset_key
 from assets.training import GPU_POOL
 from loraflow.base_model import BUILTIN_HUB_IDS, BUILTIN_LICENSES, load_tokenizer
 from loraflow.dataset import load_split
+from loraflow.export import ExportError, export_gguf, require_fidelity
 from loraflow.formatting import render
 from loraflow.manifests import (
     AdapterManifest,
@@ -38,7 +41,7 @@ from loraflow.merge import (
     publish_version,
     write_published,
 )
-from loraflow.model_card import render_model_card
+from loraflow.model_card import human_size, render_model_card
 from loraflow.spec import PipelineSpec
 from loraflow.validate import source_lineage
 from resources import ArtifactStore, HubPublisher, Warehouse
@@ -56,21 +59,26 @@ def code_version_of(root: Path) -> str:
         return "unknown (not a git checkout)"
 
 
+def heldout_conversations(dataset_dir: Path, n: int = 3) -> list[list[dict]]:
+    """The first few held-out conversations (system prompt included), as training rendered them."""
+    return [r["messages"] for r in load_split(dataset_dir, "eval") if r["messages"] is not None][:n]
+
+
 def probe_prompts(dataset_dir: Path, tokenizer, n: int = 3) -> list[str]:
     """A few held-out conversations, rendered with the adapter's template, to compare logits on."""
-    rows = [r for r in load_split(dataset_dir, "eval") if r["messages"] is not None][:n]
-    return [render(tokenizer, r["messages"]) for r in rows]
+    return [render(tokenizer, messages) for messages in heldout_conversations(dataset_dir, n)]
 
 
 def build_published_model(spec: PipelineSpec):
     key = asset_key(spec, "published_model")
+    exporting_gguf = "gguf" in spec.publish.exports
 
     @asset(
         key=key,
         group_name=spec.name,
         # scores (or merges) a full-precision model on the training device: one at a time with training
         pool=GPU_POOL,
-        kinds={"safetensors"},
+        kinds={"safetensors", "gguf"} if exporting_gguf else {"safetensors"},
         ins={
             "adapter": AssetIn(asset_key(spec, "adapter")),
             "evaluation": AssetIn(asset_key(spec, "evaluation")),
@@ -80,15 +88,36 @@ def build_published_model(spec: PipelineSpec):
         code_version=spec.section_version("publish"),
         automation_condition=conditions(spec)["published_model"],
         description=f"The adapter merged into the base in {spec.publish.dtype} (auto: the base checkpoint's dtype), saved as safetensors with the "
-        f"tokenizer, chat template, the adapter on its own and a model card, under `models/{spec.name}/<version>`.",
+        f"tokenizer, chat template, the adapter on its own and a model card, under `models/{spec.name}/<version>`"
+        + (
+            f", with GGUF files ({', '.join(spec.publish.gguf_types)}) and an Ollama Modelfile."
+            if exporting_gguf
+            else "."
+        ),
         check_specs=[
             AssetCheckSpec(
                 "merge_fidelity",
                 asset=key,
+                blocking=True,
                 description="The merged weights give base-plus-adapter logits (computed in float32) on held-out "
                 "prompts: within 1e-3 in float32, within half the adapter's own effect in 16 bits, or within "
                 "publish.merge_tolerance; they differ from the base's, and reload from disk unchanged.",
-            )
+            ),
+            *(
+                [
+                    AssetCheckSpec(
+                        "export_fidelity",
+                        asset=key,
+                        blocking=True,
+                        description=f"Each GGUF ({', '.join(spec.publish.gguf_types)}) read back gives the merged "
+                        "model's logits on held-out prompts within its type's tolerance, its greedy answers, and "
+                        "its chat template renders and tokenizes held-out conversations as the tokenizer does. "
+                        "A file that fails publishes nothing: latest stays where it was.",
+                    )
+                ]
+                if exporting_gguf
+                else []
+            ),
         ],
     )
     def published_model(
@@ -103,7 +132,8 @@ def build_published_model(spec: PipelineSpec):
         with warehouse.connect() as con:
             sources = source_lineage(con, spec.name)
         license_name = spec.publish.license or BUILTIN_LICENSES.get(base_model.source, "other")
-        card = render_model_card(
+        card = partial(
+            render_model_card,
             pipeline=spec.name,
             description=spec.description,
             base_model=BUILTIN_HUB_IDS.get(base_model.source, base_model.source),
@@ -117,11 +147,18 @@ def build_published_model(spec: PipelineSpec):
             adapter_sha256=adapter.weights_sha256,
             code_version=code_version_of(spec.root),
             eval_table=evaluation.table,
+            project_root=spec.root,
         )
         dtype = publish_dtype(spec.publish.dtype, Path(base_model.path))
-        version = publish_version(Path(adapter.path), base_model.content_hash, dtype)
+        version = publish_version(
+            Path(adapter.path),
+            base_model.content_hash,
+            dtype,
+            spec.publish.gguf_types if exporting_gguf else None,
+        )
         tokenizer = load_tokenizer(Path(adapter.path), base_model.trust_remote_code)
-        probes = probe_prompts(Path(training_dataset.path), tokenizer)
+        conversations = heldout_conversations(Path(training_dataset.path))
+        probes = [render(tokenizer, messages) for messages in conversations]
         merged = merge_in_memory(
             Path(base_model.path),
             Path(adapter.path),
@@ -137,13 +174,29 @@ def build_published_model(spec: PipelineSpec):
                 check_name="merge_fidelity", passed=False, metadata=figures, description=verdict.describe()
             )
             raise Failure(description=f"pipeline {spec.name!r}: {verdict.describe()}; nothing was published")
+
+        def exports(folder: Path):
+            """GGUF files and Modelfiles into the unfinished folder; a failed comparison stops the publish."""
+            if not exporting_gguf:
+                return None
+            report = export_gguf(
+                folder,
+                spec.name,
+                spec.publish.gguf_types,
+                merged,
+                conversations,
+                spec.evaluation.max_new_tokens,
+                spec.format.system_prompt,
+            )
+            return require_fidelity(report)
+
         try:
             result = write_published(
                 merged,
                 Path(adapter.path),
                 store.folder("models", spec.name),
                 version,
-                card,
+                lambda report: card(exports=report),
                 base_model.trust_remote_code,
                 record={
                     "pipeline": spec.name,
@@ -154,12 +207,30 @@ def build_published_model(spec: PipelineSpec):
                     "metrics": evaluation.tuned,
                 },
                 verdict=verdict,
+                exports=exports,
             )
         except MergeError as err:
             yield AssetCheckResult(
                 check_name="merge_fidelity", passed=False, metadata=figures, description=str(err)
             )
+            if exporting_gguf:
+                yield AssetCheckResult(
+                    check_name="export_fidelity", passed=False, description="not exported: the merge failed"
+                )
             raise Failure(description=f"pipeline {spec.name!r}: {err}") from None
+        except ExportError as err:
+            # the merge itself reloaded fine; the export is what stops this version
+            yield AssetCheckResult(check_name="merge_fidelity", passed=True, metadata=figures)
+            report = getattr(err, "report", None)
+            yield AssetCheckResult(
+                check_name="export_fidelity",
+                passed=False,
+                metadata=report.metadata() if report else {},
+                description=str(err),
+            )
+            raise Failure(
+                description=f"pipeline {spec.name!r}: {err}; nothing was published, latest is unchanged"
+            ) from None
         context.log.info("published %s at %s", version, result.path)
         yield Output(
             PublishedManifest(version=version, path=result.path, adapter_version=adapter.version),
@@ -170,7 +241,7 @@ def build_published_model(spec: PipelineSpec):
                 "dtype": dtype,
                 "merge_max_abs_diff": result.merge_max_abs_diff,
                 "reload_max_abs_diff": result.reload_max_abs_diff,
-                "model_card": MetadataValue.md(card),
+                "model_card": MetadataValue.md((Path(result.path) / "README.md").read_text(encoding="utf-8")),
             },
         )
         yield AssetCheckResult(
@@ -182,6 +253,20 @@ def build_published_model(spec: PipelineSpec):
                 "probe_prompts": merged.fidelity.probes,
             },
         )
+        if exporting_gguf:
+            report = result.exports
+            yield AssetCheckResult(
+                check_name="export_fidelity",
+                passed=True,
+                metadata={
+                    **report.metadata(),
+                    "files": MetadataValue.md(
+                        "\n".join(
+                            f"- {f.name}: {human_size(f.bytes)}, sha256 {f.sha256}" for f in report.files
+                        )
+                    ),
+                },
+            )
 
     return published_model
 

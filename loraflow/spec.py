@@ -515,6 +515,31 @@ class PublishSpec(Section):
     """Create the hub repository private. Applies only when it is created; an existing one keeps
     its visibility."""
 
+    exports: list[Literal["safetensors", "gguf"]] = ["safetensors"]
+    """What a published version holds. `safetensors` (always): the merged weights with the tokenizer
+    and chat template, for transformers, vLLM and TGI. `gguf`: also one GGUF file per
+    `gguf_types` entry and an Ollama Modelfile, for llama.cpp and Ollama; each is checked against
+    the merged model (the blocking `export_fidelity` check) before the version is published."""
+
+    gguf_types: list[Literal["f32", "f16", "bf16", "q8_0"]] = ["q8_0"]
+    """GGUF weight types to write with `exports: [safetensors, gguf]`. `q8_0`: 8-bit blocks, about
+    half the size of f16 and close to it in quality; `f16`/`bf16`: 16-bit; `f32`: unrounded. The
+    first one listed is what `Modelfile` points at."""
+
+    @model_validator(mode="after")
+    def _exports(self):
+        if "safetensors" not in self.exports:
+            raise ValueError(
+                "exports must include safetensors (the merged weights every other export is made from); "
+                "write [safetensors, gguf] to add GGUF files"
+            )
+        for name, values in (("exports", self.exports), ("gguf_types", self.gguf_types)):
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} lists an entry twice: {values}")
+        if not self.gguf_types:
+            raise ValueError("gguf_types is empty; name at least one type, e.g. [q8_0]")
+        return self
+
 
 class TolerationSpec(Section):
     key: str | None = None

