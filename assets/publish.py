@@ -64,11 +64,6 @@ def heldout_conversations(dataset_dir: Path, n: int = 3) -> list[list[dict]]:
     return [r["messages"] for r in load_split(dataset_dir, "eval") if r["messages"] is not None][:n]
 
 
-def probe_prompts(dataset_dir: Path, tokenizer, n: int = 3) -> list[str]:
-    """A few held-out conversations, rendered with the adapter's template, to compare logits on."""
-    return [render(tokenizer, messages) for messages in heldout_conversations(dataset_dir, n)]
-
-
 def build_published_model(spec: PipelineSpec):
     key = asset_key(spec, "published_model")
     exporting_gguf = "gguf" in spec.publish.exports

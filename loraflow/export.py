@@ -34,6 +34,7 @@ import torch
 
 from loraflow.artifacts import file_sha256
 from loraflow.formatting import render
+from loraflow.merge import stop_token_ids
 
 log = logging.getLogger("loraflow")
 
@@ -194,11 +195,6 @@ def read_gguf_tokenizer(path: Path) -> GgufTokenizer:
     )
 
 
-def gguf_chat_template(path: Path) -> str | None:
-    """The chat template stored in a GGUF file's metadata, or None."""
-    return read_gguf_tokenizer(path).chat_template
-
-
 def vocabulary_differences(stored: GgufTokenizer, tokenizer) -> list[str]:
     """How the file's vocabulary differs from the tokenizer's: tokens by id, BPE merges in order,
     and the bos/eos ids (empty when they are the same)."""
@@ -275,9 +271,7 @@ def reference(merged, conversations: list[list[dict]], max_new_tokens: int) -> R
     """Greedy answers of the merged model (loraflow.merge.MergedModel) to the held-out conversations'
     prompts (each conversation up to its last answer)."""
     tokenizer, model = merged.tokenizer, merged.model
-    config = model.generation_config
-    stops = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-    stops = [t for t in stops if t is not None]
+    stops = stop_token_ids(model.generation_config)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     prompt_ids = [
         tokenizer(

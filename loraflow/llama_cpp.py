@@ -25,7 +25,7 @@ import torch
 from loraflow.dataset import load_split
 from loraflow.export import ANSWER_AGREEMENT, agreement, greedy_answers
 from loraflow.formatting import render
-from loraflow.merge import latest_published, published_record
+from loraflow.merge import latest_published, published_record, stop_token_ids
 
 
 def llama_cpp_answers(gguf: Path, prompts: list[str], max_new_tokens: int, stops: list[int]):
@@ -64,9 +64,7 @@ def check(pipeline: str, home: Path, n: int = 8, max_new_tokens: int = 40) -> bo
 
     tokenizer = load_tokenizer(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    config = model.generation_config
-    stops = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-    stops = [t for t in stops if t is not None]
+    stops = stop_token_ids(model.generation_config)
     prompts = [render(tokenizer, c[:-1], add_generation_prompt=True) for c in conversations]
     prompt_ids = [tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"] for p in prompts]
     reference = greedy_answers(model, prompt_ids, max_new_tokens, stops, tokenizer.pad_token_id)

