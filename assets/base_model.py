@@ -23,6 +23,10 @@ def build_base_model(spec: PipelineSpec):
     def base_model(context: AssetExecutionContext, store: ArtifactStore) -> Output[BaseModelManifest]:
         resolved = resolve_base_model(spec.base_model, store.folder(), spec.root)
         context.log.info("base model %s (%s) at %s", resolved.source, resolved.kind, resolved.path)
+        if resolved.converted_from is not None:
+            context.log.warning(
+                "converted from the pickle weights in %s (base_model.allow_pickle)", resolved.converted_from
+            )
         manifest = BaseModelManifest(
             source=resolved.source,
             kind=resolved.kind,

@@ -63,7 +63,9 @@ def build_evaluation(spec: PipelineSpec):
         base_model: BaseModelManifest,
         store: ArtifactStore,
     ):
-        published = latest_published(store.folder("models", spec.name)) if gate.must_beat_published else None
+        published = (
+            latest_published(store.fetch_latest("models", spec.name)) if gate.must_beat_published else None
+        )
         same_base = True
         if published is not None:
             same_base = published_record(published[1]).get("base_model_hash") == base_model.content_hash

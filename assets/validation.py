@@ -24,7 +24,7 @@ from loraflow.base_model import load_tokenizer
 from loraflow.expectations import run_suite
 from loraflow.spec import PipelineSpec
 from loraflow.validate import (
-    PII_PATTERNS,
+    PII_PATTERNS_PYTHON,
     SchemaError,
     classified_frame,
     partition_counts,
@@ -66,11 +66,11 @@ def build_validated_examples(spec: PipelineSpec, partitions: DynamicPartitionsDe
                 raw, valid, quarantined = partition_counts(con, spec.name, partition)
                 rejected = quarantine_sample(con, spec.name, partition)
                 accepted = valid_sample(con, spec.name, partition)
-                fields = record_schema(con, spec.name, partition)
+                fields = record_schema(con, spec.name, partition, quality.max_record_chars)
                 version = validated_fingerprint(con, spec.name, partition)
         except SchemaError as err:
             raise Failure(description=f"{path}: {err}") from None
-        suite = run_suite(frame, quality, PII_PATTERNS)
+        suite = run_suite(frame, quality, PII_PATTERNS_PYTHON)
         fraction = result.invalid_fraction
         drift = schema_drift(previous_schema, fields)
         context.log.info(

@@ -1,19 +1,34 @@
 """Benchmark: raw ingestion plus validation of one large alpaca JSON Lines file.
 
-    python bench/ingest.py [--rows N] [--seed S] [--keep DIR]
+    python bench/ingest.py [--rows N [N ...]] [--seed S] [--memory-limit 2GiB] [--pandas auto|on|off] [--keep DIR]
+    python bench/ingest.py --rows 1000000 10000000   # 1M then 10M rows, each in its own process
     python bench/ingest.py --quick     # 20,000 rows, a few seconds (the test suite runs it)
 
 Writes N synthetic alpaca rows (deterministic for a seed) to one .jsonl file, 5% of them bad in eight
-planted ways, then times `ingest_file` and `validate_partition` on it in this process, checks the
-counts (raw == valid + quarantined == N, and the quarantine reasons against what was planted),
-and, for comparison, times `pandas.read_json(lines=True)` on a copy of the file without the
-malformed lines (pandas refuses a file with a broken line).
+planted ways, then times `ingest_file` and `validate_partition` on it in this process, on a DuckDB
+file opened with the warehouse's memory limit (loraflow.lake.MEMORY_LIMIT, 2 GiB; beyond it DuckDB
+spills to `<file>.tmp`), checks the counts (raw == valid + quarantined == N, and the quarantine
+reasons against what was planted), and, for comparison, times `pandas.read_json(lines=True)` on a
+copy of the file without the malformed lines (pandas refuses a file with a broken line). pandas holds
+the whole file in memory, about 3 GiB per million rows, so by default it runs only up to 2,000,000
+rows. Several sizes run one after another, each in its own process so that each peak is its own, and
+end with a table of seconds, rows/s and peak MiB per size: how the cost grows.
 
 Targets from the issue, reported and not asserted: at least 50,000 rows/s for ingest plus
-validation on a 2-core machine, peak memory under 4 GiB.
+validation on a 2-core machine, peak memory under 4 GiB, at 1M and at 10M rows.
+
+Measured on this project's 2-core machine (x86_64, no GPU, 2026-12-01, load average 0.6 at the
+start), `--rows 1000000 10000000`:
+
+    1,000,000 rows (464 MiB):   17.5 s, 57,235 rows/s (ingest 183,261, validate 83,229), peak 2,274 MiB
+    10,000,000 rows (4.5 GiB): 216.4 s, 46,217 rows/s (ingest 131,686, validate 71,210), peak 2,589 MiB
+
+Ten times the rows take 12.4 times as long: beyond the memory limit DuckDB spills its temporary
+tables (the file's lines while ingesting, the classified rows while validating) to disk and reads
+them back. The peak grows by 315 MiB, not tenfold.
 
 The last line of the output is always:
-    ingest+validate: <rows/s> rows/s, peak <MiB> MiB, pandas read: <rows/s> rows/s
+    ingest+validate: <rows/s> rows/s, peak <MiB> MiB, pandas read: <rows/s> rows/s (or: not run)
 Exit status 1 when the count invariant fails (raw != valid + quarantined, or raw != N).
 """
 
@@ -25,7 +40,10 @@ import json
 import os
 import platform
 import random
+import re
 import resource
+import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -37,6 +55,7 @@ import pandas as pd
 import psutil
 
 from loraflow.ingest import ingest_file
+from loraflow.lake import MEMORY_LIMIT
 from loraflow.spec import QualitySpec, SourceSpec
 from loraflow.validate import partition_counts, validate_partition
 
@@ -53,6 +72,7 @@ OUTPUT_POOL = 20011
 INPUT_POOL = 7001
 CHUNK_ROWS = 20_000
 QUICK_ROWS = 20_000
+PANDAS_MAX_ROWS = 2_000_000
 
 # planted kind -> the quarantine reason it should get
 KINDS: dict[str, str] = {
@@ -202,8 +222,9 @@ def _line(instruction: str, input_: str, output: str) -> str:
     return f'{{"instruction": "{instruction}", "input": "{input_}", "output": "{output}"}}\n'
 
 
-def generate(path: Path, pandas_path: Path, rows: int, seed: int) -> dict[str, int]:
-    """Write the benchmark file and its copy without malformed lines; returns rows planted per kind."""
+def generate(path: Path, pandas_path: Path | None, rows: int, seed: int) -> dict[str, int]:
+    """Write the benchmark file and (unless `pandas_path` is None) its copy without malformed lines;
+    returns rows planted per kind."""
     rng = random.Random(seed)
     instructions = _pool(INSTRUCTION_POOL, _instruction, rng)
     outputs = _pool(OUTPUT_POOL, _output, rng)
@@ -238,7 +259,10 @@ def generate(path: Path, pandas_path: Path, rows: int, seed: int) -> dict[str, i
     rng.shuffle(instruction_order)
     rng.shuffle(output_order)
     planted = dict.fromkeys(kinds, 0)
-    with open(path, "w", encoding="utf-8") as out, open(pandas_path, "w", encoding="utf-8") as pandas_out:
+    with (
+        open(path, "w", encoding="utf-8") as out,
+        open(pandas_path or os.devnull, "w", encoding="utf-8") as pandas_out,
+    ):
         chunk: list[str] = []
         pandas_chunk: list[str] = []
         for i in range(rows):
@@ -283,7 +307,7 @@ def generate(path: Path, pandas_path: Path, rows: int, seed: int) -> dict[str, i
             if kind is not None:
                 planted[kind] += 1
             chunk.append(line)
-            if kind != MALFORMED:
+            if kind != MALFORMED and pandas_path is not None:
                 pandas_chunk.append(line)
             if len(chunk) >= CHUNK_ROWS:
                 out.write("".join(chunk))
@@ -354,10 +378,51 @@ def rate(rows: int, seconds: float) -> float:
     return rows / max(seconds, 1e-9)
 
 
+def time_pandas(pandas_path: Path, pandas_rows: int, malformed: int) -> float:
+    """Time pandas.read_json(lines=True) on the copy without malformed lines; returns rows/s."""
+    with PeakRss() as pandas_sampler:
+        started = time.perf_counter()
+        frame = pd.read_json(pandas_path, lines=True)
+        pandas_s = time.perf_counter() - started
+    if len(frame) != pandas_rows:
+        print(f"warning: pandas read {len(frame):,} rows, expected {pandas_rows:,}")
+    del frame
+    pandas_rate = rate(pandas_rows, pandas_s)
+    print(
+        f"\npandas.read_json(lines=True): {pandas_rows:,} rows in {pandas_s:.2f} s = {pandas_rate:,.0f} rows/s; "
+        f"process RSS {pandas_sampler.start / 2**20:,.0f} MiB before, peak {pandas_sampler.peak / 2**20:,.0f} MiB "
+        "during the read (not in the peak above)"
+    )
+    print(
+        f"  read from a copy without the {malformed:,} malformed lines (pandas fails on them); "
+        "it only parses, it neither stores nor validates"
+    )
+    return pandas_rate
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=1_000_000, help="rows in the file (default 1,000,000)")
+    parser.add_argument(
+        "--rows",
+        type=int,
+        nargs="+",
+        default=[1_000_000],
+        help="rows in the file (default 1,000,000); several sizes run one after another, each in its "
+        "own process, and end with a table of how the rate and the peak grow",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed of the synthetic data (default 0)")
+    parser.add_argument(
+        "--memory-limit",
+        default=MEMORY_LIMIT,
+        help=f"DuckDB's memory limit, as the warehouse sets it (default {MEMORY_LIMIT})",
+    )
+    parser.add_argument(
+        "--pandas",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help=f"time pandas.read_json for comparison: auto runs it up to {PANDAS_MAX_ROWS:,} rows (pandas "
+        "holds the whole file in memory: about 3 GiB per million rows)",
+    )
     parser.add_argument(
         "--keep", type=Path, help="write the files and the DuckDB database here and keep them"
     )
@@ -366,9 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.rows = QUICK_ROWS
-    if args.rows < 2:
+        args.rows = [QUICK_ROWS]
+    if min(args.rows) < 2:
         parser.error("--rows must be at least 2")
+    if len(args.rows) > 1:
+        return growth(args)
 
     cpus = os.cpu_count()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
@@ -382,10 +449,14 @@ def main(argv: list[str] | None = None) -> int:
             f"load average:   {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (other jobs make the rates pessimistic)"
         )
     print(f"memory:         {psutil.virtual_memory().total / 2**30:.1f} GiB total")
+    disk = shutil.disk_usage(args.keep or tempfile.gettempdir())
+    print(f"disk:           {disk.free / 2**30:.1f} GiB free where the files go")
     print(f"python:         {platform.python_version()}")
     print(f"duckdb:         {duckdb.__version__}")
     print(f"pandas:         {pd.__version__}")
 
+    rows = args.rows[0]
+    with_pandas = args.pandas == "on" or (args.pandas == "auto" and rows <= PANDAS_MAX_ROWS)
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
         folder, cleanup = args.keep.resolve(), None
@@ -393,15 +464,45 @@ def main(argv: list[str] | None = None) -> int:
         cleanup = tempfile.TemporaryDirectory(prefix="loraflow-bench-")
         folder = Path(cleanup.name)
     try:
-        return run(folder, args.rows, args.seed)
+        return run(folder, rows, args.seed, args.memory_limit, with_pandas)
     finally:
         if cleanup is not None:
             cleanup.cleanup()
 
 
-def run(folder: Path, rows: int, seed: int) -> int:
+def growth(args: argparse.Namespace) -> int:
+    """Each size in its own process (so that each peak is its own), then how the figures grow."""
+    results = []
+    status = 0
+    for rows in args.rows:
+        command = [sys.executable, __file__, "--rows", str(rows), "--seed", str(args.seed)]
+        command += ["--memory-limit", args.memory_limit, "--pandas", args.pandas]
+        if args.keep is not None:
+            command += ["--keep", str(args.keep / f"rows-{rows}")]
+        print(f"$ {' '.join(command)}", flush=True)
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        last = ""
+        for line in child.stdout:
+            print(line, end="", flush=True)
+            last = line.strip() or last
+        status = max(status, child.wait())
+        found = re.fullmatch(r"ingest\+validate: (\d+) rows/s, peak (\d+) MiB, .*", last)
+        results.append((rows, *(map(int, found.groups()) if found else (None, None))))
+        print()
+    print(f"growth (DuckDB memory limit {args.memory_limit}; each size in its own process)")
+    print(f"  {'rows':>12}{'seconds':>10}{'rows/s':>10}{'peak MiB':>10}")
+    for rows, per_s, peak in results:
+        if per_s is None:
+            print(f"  {rows:>12,}  failed (see its output above)")
+        else:
+            print(f"  {rows:>12,}{rows / per_s:>10.1f}{per_s:>10,}{peak:>10,}")
+    print(last)
+    return status
+
+
+def run(folder: Path, rows: int, seed: int, memory_limit: str, with_pandas: bool) -> int:
     path = folder / PARTITION
-    pandas_path = folder / "bench-without-malformed.jsonl"
+    pandas_path = folder / "bench-without-malformed.jsonl" if with_pandas else None
     database = folder / "warehouse.duckdb"
     for stale in (database, database.with_name(database.name + ".wal")):
         stale.unlink(missing_ok=True)
@@ -416,7 +517,7 @@ def run(folder: Path, rows: int, seed: int) -> int:
 
     source = SourceSpec(path="*", format="alpaca")
     quality = QualitySpec()
-    con = duckdb.connect(str(database))
+    con = duckdb.connect(str(database), config={"memory_limit": memory_limit})
     threads, memory_limit = con.execute(
         "SELECT current_setting('threads'), current_setting('memory_limit')"
     ).fetchone()
@@ -519,24 +620,14 @@ def run(folder: Path, rows: int, seed: int) -> int:
     print(f"  reasons match the planted rows: {'no: ' + ', '.join(mismatches) if mismatches else 'yes'}")
 
     # pandas, for comparison
-    pandas_rows = rows - planted[MALFORMED]
-    with PeakRss() as pandas_sampler:
-        started = time.perf_counter()
-        frame = pd.read_json(pandas_path, lines=True)
-        pandas_s = time.perf_counter() - started
-    if len(frame) != pandas_rows:
-        print(f"warning: pandas read {len(frame):,} rows, expected {pandas_rows:,}")
-    del frame
-    pandas_rate = rate(pandas_rows, pandas_s)
-    print(
-        f"\npandas.read_json(lines=True): {pandas_rows:,} rows in {pandas_s:.2f} s = {pandas_rate:,.0f} rows/s; "
-        f"process RSS {pandas_sampler.start / 2**20:,.0f} MiB before, peak {pandas_sampler.peak / 2**20:,.0f} MiB "
-        "during the read (not in the peak above)"
-    )
-    print(
-        f"  read from a copy without the {planted[MALFORMED]:,} malformed lines (pandas fails on them); "
-        "it only parses, it neither stores nor validates"
-    )
+    pandas_rate = None
+    if pandas_path is not None:
+        pandas_rate = time_pandas(pandas_path, rows - planted[MALFORMED], planted[MALFORMED])
+    else:
+        print(
+            f"\npandas.read_json: not run (--pandas; it holds the whole file in memory, so by default it "
+            f"runs up to {PANDAS_MAX_ROWS:,} rows)"
+        )
 
     both_rate = rate(rows, both_s)
     print("\ntargets from the issue (reported, not asserted)")
@@ -549,9 +640,8 @@ def run(folder: Path, rows: int, seed: int) -> int:
     )
     if failures:
         print("count invariant FAILED (exit status 1)")
-    print(
-        f"ingest+validate: {both_rate:.0f} rows/s, peak {peak:.0f} MiB, pandas read: {pandas_rate:.0f} rows/s"
-    )
+    pandas_figure = f"{pandas_rate:.0f} rows/s" if pandas_rate is not None else "not run"
+    print(f"ingest+validate: {both_rate:.0f} rows/s, peak {peak:.0f} MiB, pandas read: {pandas_figure}")
     return 1 if failures else 0
 
 

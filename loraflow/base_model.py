@@ -5,6 +5,10 @@ Three kinds of source:
   it (a GGUF file), converted once into a cached plain Hugging Face folder;
 - a local Hugging Face folder (config.json, *.safetensors, tokenizer files);
 - a Hugging Face hub id, fetched into the hub cache (safetensors only) when online.
+
+Weights are loaded from safetensors only. A local folder of pickle weights (pytorch_model.bin) is
+refused, since unpickling can run code hidden in the file, unless `base_model.allow_pickle` is on:
+then it is converted once into a cached safetensors folder, and only that folder is used.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import importlib.util
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -26,6 +31,8 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a model folder needs, and what of it makes the content hash.
 HASHED_FILES = ("config.json", "generation_config.json", "chat_template.jinja")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+"""Weight files in Python's pickle format (PyTorch's torch.save writes pickle)."""
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The hub id of the same model, named in model cards.
 BUILTIN_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -46,6 +53,8 @@ class ResolvedModel:
     path: Path
     content_hash: str
     """sha256 over the weight, config and tokenizer files (names and bytes)."""
+    converted_from: Path | None = None
+    """The folder of pickle weights `path` was converted from (base_model.allow_pickle), if any."""
 
 
 def resolve_base_model(
@@ -69,8 +78,27 @@ def resolve_base_model(
                 f"folder, a hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct', or the built-in "
                 f"{BUILTIN_MODELS[0]!r}."
             )
+    converted_from = None
+    if kind == "local" and spec.allow_pickle and _pickle_only(path):
+        converted_from = path
+        path = _converted_from_pickle(path, cache_dir / "base_models" / "from-pickle", spec)
     check_model_folder(path, source)
-    return ResolvedModel(source=source, kind=kind, path=path, content_hash=model_content_hash(path))
+    return ResolvedModel(
+        source=source,
+        kind=kind,
+        path=path,
+        content_hash=model_content_hash(path),
+        converted_from=converted_from,
+    )
+
+
+def pickle_files(path: Path) -> list[str]:
+    """Names of the pickle weight files in a model folder, sorted."""
+    return sorted(p.name for p in Path(path).iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
+
+
+def _pickle_only(path: Path) -> bool:
+    return path.is_dir() and not any(path.glob("*.safetensors")) and bool(pickle_files(path))
 
 
 def check_model_folder(path: Path, source: str) -> None:
@@ -82,14 +110,51 @@ def check_model_folder(path: Path, source: str) -> None:
             f"base_model.source {source!r}: {path} has no config.json; is it a model folder?"
         )
     if not any(path.glob("*.safetensors")):
-        pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        pickled = pickle_files(path)
         hint = (
-            f" It has {', '.join(pickled)}: pickled weights can run arbitrary code when loaded, so loraflow "
-            "loads safetensors only. Convert once with model.save_pretrained(folder, safe_serialization=True)."
+            f" It has {', '.join(pickled)}: pickle files, which can run arbitrary code when they are loaded, "
+            "so loraflow loads safetensors only. Convert them once (load the model and call "
+            "model.save_pretrained(folder), which writes safetensors), or, for weights from a source you "
+            "trust, set base_model.allow_pickle: true and loraflow converts them once itself."
             if pickled
             else ""
         )
         raise BaseModelError(f"base_model.source {source!r}: {path} has no *.safetensors weights.{hint}")
+
+
+def _converted_from_pickle(folder: Path, cache: Path, spec: BaseModelSpec) -> Path:
+    """A safetensors copy of a folder of pickle weights, converted once and cached by the folder's content."""
+    target = cache / folder_sha256(folder)[:32]
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    from transformers import AutoModelForCausalLM
+
+    log.warning(
+        "base_model.allow_pickle is on: unpickling %s (%s) to convert it to safetensors in %s (once)",
+        folder,
+        ", ".join(pickle_files(folder)),
+        target,
+    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, use_safetensors=False, dtype="auto", trust_remote_code=spec.trust_remote_code
+        )
+    except (OSError, ValueError, RuntimeError) as err:
+        raise BaseModelError(
+            f"base_model.source {spec.source!r}: cannot load the pickle weights of {folder} to convert "
+            f"them: {str(err).splitlines()[0]}. transformers reads pytorch_model.bin (or its shards with "
+            "pytorch_model.bin.index.json) beside config.json"
+        ) from None
+    with atomic_dir(target) as tmp:
+        for file in folder.iterdir():  # tokenizer, configs, chat template, remote code: all but weights
+            if (
+                file.is_file()
+                and file.suffix not in PICKLE_SUFFIXES
+                and not file.name.endswith(".index.json")
+            ):
+                shutil.copy2(file, tmp / file.name)
+        model.save_pretrained(tmp, safe_serialization=True)
+    return target
 
 
 def model_content_hash(path: Path) -> str:

@@ -1,9 +1,11 @@
 """Raw ingestion: every record of a source file into the warehouse, untouched, with where it came from.
 
 One call loads one partition (one source file) into `<pipeline>.raw_examples`, replacing what that
-partition held before. DuckDB reads the file: JSON Lines (also gzipped), a JSON array, CSV (also
-gzipped) or Parquet. Nothing is judged here; validation does that, so a line that is not even JSON,
-or not even UTF-8, still arrives and can be quarantined with a reason.
+partition held before. JSON Lines (also gzipped) are split into lines here, 64 MiB at a time, and
+stored by DuckDB block by block, so memory stays bounded whatever the file's size; DuckDB reads a
+JSON array, CSV (also gzipped) or Parquet itself. Nothing is judged here; validation does that, so a
+line that is not even JSON, or not even UTF-8, still arrives and can be quarantined with a reason.
+A file that cannot be read at all (a truncated .gz) raises IngestError before anything is replaced.
 
 Each raw row carries the partition, the source file and its sha256, the record index (the line
 number for JSON Lines, the 1-based position otherwise), a sub-index (the element of an exploded
@@ -15,8 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import hashlib
 import json
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +26,9 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from loraflow.artifacts import file_sha256
 from loraflow.spec import SourceSpec
 
 RAW_TABLE = "raw_examples"
@@ -36,6 +40,8 @@ FILE_TYPES = {
     ".parquet": "parquet",
 }
 UNDECODABLE = "undecodable_bytes"
+LINE_BLOCK_BYTES = 1 << 26
+"""JSON Lines are read this many bytes (64 MiB) at a time, in whole lines."""
 
 
 @dataclass(frozen=True)
@@ -118,15 +124,13 @@ def ingest_file(
         raise IngestError(f"{path}: source file not found (moved or deleted since the partition was added?)")
     kind = file_type_of(path, source)
     ensure_raw_table(con, pipeline)
-    # hashing reads the file in Python while DuckDB parses it: both release the GIL, so they overlap
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        digest_and_lines = pool.submit(_digest_and_lines, path)
-        blank = _load_incoming(con, path, kind)
-        digest, lines = digest_and_lines.result()
-    if blank is None:  # JSON Lines read by DuckDB: blank lines are the lines it did not keep
-        blank = lines - con.execute("SELECT count(*) FROM incoming").fetchone()[0]
-    records = con.execute("SELECT count(*) FROM incoming").fetchone()[0]
     try:
+        # hashing reads the file in Python while DuckDB parses it: both release the GIL, so they overlap
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            hashing = pool.submit(file_sha256, path)
+            blank = _load_incoming(con, path, kind)
+            digest = hashing.result()
+        records = con.execute("SELECT count(*) FROM incoming").fetchone()[0]
         with replacing_rows(con):
             con.execute(f'DELETE FROM "{pipeline}".{RAW_TABLE} WHERE partition = ?', [partition])
             con.execute(
@@ -187,15 +191,13 @@ def _exploded_sql(explode: str | None) -> str:
     """
 
 
-def _load_incoming(con: duckdb.DuckDBPyConnection, path: Path, kind: str) -> int | None:
-    """Fill temp table `incoming(record_index, record, read_error)` from the file.
-
-    Returns the number of blank lines skipped, or None where the caller must count them.
-    """
+def _load_incoming(con: duckdb.DuckDBPyConnection, path: Path, kind: str) -> int:
+    """Fill temp table `incoming(record_index, record, read_error)` from the file; returns the number
+    of blank lines skipped (JSON Lines only)."""
     gzipped = path.suffix.lower() == ".gz"
+    if kind == "jsonl":
+        return _load_lines(con, path, gzipped)
     try:
-        if kind == "jsonl":
-            return _load_lines(con, path, gzipped)
         if kind == "json":
             _check_json_document(con, path)
             con.execute(
@@ -217,15 +219,7 @@ def _load_incoming(con: duckdb.DuckDBPyConnection, path: Path, kind: str) -> int
                 [str(path)],
             )
         else:
-            con.execute(
-                """
-                CREATE OR REPLACE TEMP TABLE incoming AS
-                SELECT row_number() OVER () AS record_index, to_json(t)::VARCHAR AS record,
-                       NULL::VARCHAR AS read_error
-                FROM read_parquet(?) t
-                """,
-                [str(path)],
-            )
+            _load_parquet(con, path)
     except duckdb.Error as err:
         what = {"json": "a JSON array of objects", "csv": "CSV with a header row", "parquet": "Parquet"}[kind]
         detail = str(err).split("\n")[0]
@@ -234,6 +228,35 @@ def _load_incoming(con: duckdb.DuckDBPyConnection, path: Path, kind: str) -> int
             "is stored differently (e.g. file_type: jsonl for one JSON object per line)"
         ) from None
     return 0
+
+
+def _load_parquet(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """Parquet: one record per row, the row's columns as a JSON object.
+
+    A binary column (text written without Parquet's UTF-8 annotation, as some writers do) is decoded
+    as UTF-8; a row whose bytes are not UTF-8 keeps them as backslash escapes and the read error
+    `undecodable_bytes`. Other types stay what they are: a number where text belongs is `wrong_type`
+    in validation, like the same number in a JSON Lines record.
+    """
+    columns = con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [str(path)]).fetchall()
+    fields, undecodable = [], []
+    for name, kind, *_ in columns:
+        column = '"' + name.replace('"', '""') + '"'
+        if kind == "BLOB":
+            fields.append(f"{column} := coalesce(try(decode({column})), {column}::VARCHAR)")
+            undecodable.append(f"({column} IS NOT NULL AND try(decode({column})) IS NULL)")
+        else:
+            fields.append(f"{column} := {column}")
+    error = f"CASE WHEN {' OR '.join(undecodable)} THEN '{UNDECODABLE}' END" if undecodable else "NULL"
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE incoming AS
+        SELECT row_number() OVER () AS record_index, to_json(struct_pack({", ".join(fields)}))::VARCHAR AS record,
+               {error}::VARCHAR AS read_error
+        FROM read_parquet(?)
+        """,
+        [str(path)],
+    )
 
 
 def _check_json_document(con: duckdb.DuckDBPyConnection, path: Path) -> None:
@@ -255,89 +278,126 @@ def _check_json_document(con: duckdb.DuckDBPyConnection, path: Path) -> None:
     )
 
 
-def _load_lines(con: duckdb.DuckDBPyConnection, path: Path, gzipped: bool) -> int | None:
-    """JSON Lines: one row per non-blank line, numbered as in the file (1-based)."""
-    if not gzipped:
+def _load_lines(con: duckdb.DuckDBPyConnection, path: Path, gzipped: bool) -> int:
+    """JSON Lines, a block of whole lines at a time: one row per non-blank line, numbered as in the
+    file (1-based). Returns the number of blank lines.
+
+    Reading in blocks keeps memory bounded whatever the file's size (DuckDB spills `incoming` to disk
+    beyond its memory limit). A block that is not UTF-8 is decoded line by line: a line that is not
+    UTF-8 keeps its bytes (as backslash escapes) and the read error `undecodable_bytes`, so it is
+    quarantined rather than failing the whole file.
+    """
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE incoming (record_index BIGINT, record VARCHAR, read_error VARCHAR)"
+    )
+    lines = kept = 0
+    for table in _numbered_blocks(path, gzipped):
+        con.register("incoming_block", table)
         try:
-            con.execute(
+            kept += con.execute(
                 """
-                CREATE OR REPLACE TEMP TABLE incoming AS
-                WITH file AS (SELECT string_split(content, chr(10)) AS lines FROM read_text(?)),
-                numbered AS (
-                    SELECT unnest(lines) AS line, generate_subscripts(lines, 1) AS record_index FROM file
-                )
-                SELECT record_index, record, NULL::VARCHAR AS read_error
+                INSERT INTO incoming
+                SELECT record_index, record, read_error
                 FROM (
                     -- byte-level tests (starts_with, ends_with) are far cheaper than trim() on long lines
-                    SELECT record_index,
-                        CASE WHEN ends_with(line, chr(13)) THEN left(line, -1) ELSE line END AS line_,
+                    SELECT record_index, read_error,
                         CASE WHEN record_index = 1 AND starts_with(line_, chr(65279)) THEN substr(line_, 2)
                              ELSE line_ END AS record
-                    FROM numbered
+                    FROM (
+                        SELECT *, CASE WHEN ends_with(line, chr(13)) THEN left(line, -1) ELSE line END AS line_
+                        FROM incoming_block
+                    )
                 )
                 WHERE NOT regexp_full_match(record, '\\s*')
-                """,
-                [str(path)],
-            )
-            return None
-        except duckdb.InvalidInputException as err:
-            if "UTF-8" not in str(err):
-                raise
-    return _load_lines_from_bytes(con, path, gzipped)
+                """
+            ).fetchone()[0]
+        finally:
+            con.unregister("incoming_block")
+        lines += table.num_rows
+    return lines - kept
 
 
-def _load_lines_from_bytes(con: duckdb.DuckDBPyConnection, path: Path, gzipped: bool) -> int:
-    """The slow path for gzipped files and files with undecodable bytes: split and decode line by line.
+def _numbered_blocks(path: Path, gzipped: bool) -> Iterator[pa.Table]:
+    """The file's lines as tables of about LINE_BLOCK_BYTES, numbered from 1; the next block is read
+    and split in a thread while the caller stores the current one (both release the GIL)."""
+    blocks = _line_blocks(path, gzipped)
+    first = 1
 
-    A line that is not UTF-8 keeps its bytes (as backslash escapes) and the read error
-    `undecodable_bytes`, so it is quarantined rather than failing the whole file.
-    """
+    def next_table(first: int) -> pa.Table | None:
+        block = next(blocks, None)
+        return None if block is None else _block_lines(block, first)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        coming = pool.submit(next_table, first)
+        while (table := coming.result()) is not None:
+            first += table.num_rows
+            coming = pool.submit(next_table, first)
+            yield table
+
+
+def _line_blocks(path: Path, gzipped: bool) -> Iterator[bytes]:
+    """The file's bytes (decompressed for .gz) in blocks of about LINE_BLOCK_BYTES that end at a line's
+    end (a line longer than a block ends its block); the last block may lack the final newline."""
     opener = gzip.open if gzipped else open
     try:
-        with opener(path, "rb") as handle:
-            data = handle.read()
-    except (OSError, EOFError) as err:
-        raise IngestError(f"{path}: cannot be read{' as gzip' if gzipped else ''}: {err}") from None
-    indices, records, errors = [], [], []
-    blank = 0
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    for number, raw in enumerate(lines, 1):
-        raw = raw.rstrip(b"\r")
-        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]
-        if not raw.strip():
-            blank += 1
-            continue
-        try:
-            text, error = raw.decode("utf-8"), None
-        except UnicodeDecodeError:
-            text, error = raw.decode("utf-8", errors="backslashreplace"), UNDECODABLE
-        indices.append(number)
-        records.append(text)
-        errors.append(error)
+        handle = opener(path, "rb")
+    except OSError as err:
+        raise IngestError(f"{path}: cannot be opened: {err}") from None
+    with handle:
+        while True:
+            try:
+                block = handle.read(LINE_BLOCK_BYTES)
+                if block and not block.endswith(b"\n"):
+                    block += handle.readline()
+            except (OSError, EOFError, zlib.error) as err:
+                what = " as gzip (cut short or damaged?)" if gzipped else ""
+                raise IngestError(
+                    f"{path}: cannot be read{what}: {err}. Nothing of the file is stored; the partition "
+                    "keeps what it held before. Copy or compress the file again and re-run the partition"
+                ) from None
+            if not block:
+                return
+            yield block
+
+
+def _block_lines(block: bytes, first: int) -> pa.Table:
+    """The lines of one block as a table (record_index, line, read_error), numbered from `first`."""
+    whole = pa.LargeBinaryArray.from_buffers(  # the block's bytes as one value, not copied
+        pa.large_binary(), 1, [None, pa.array([0, len(block)], pa.int64()).buffers()[1], pa.py_buffer(block)]
+    )
+    try:
+        text = whole.cast(pa.large_string())  # checks that the bytes are UTF-8
+    except pa.ArrowInvalid:
+        lines, errors = _decoded_line_by_line(block)
+    else:
+        # split in Arrow: no Python object per line
+        lines = pc.split_pattern(text, "\n").flatten()
+        if block.endswith(b"\n"):  # the empty piece after the last newline is not a line
+            lines = lines.slice(0, len(lines) - 1)
+        errors = pa.nulls(len(lines), pa.string())
     table = pa.table(
         {
-            "record_index": pa.array(indices, pa.int64()),
-            "record": pa.array(records, pa.string()),
-            "read_error": pa.array(errors, pa.string()),
+            "record_index": pa.array(range(first, first + len(lines)), pa.int64()),
+            "line": lines,
+            "read_error": errors,
         }
     )
-    con.register("incoming_lines", table)
-    try:
-        con.execute("CREATE OR REPLACE TEMP TABLE incoming AS SELECT * FROM incoming_lines")
-    finally:
-        con.unregister("incoming_lines")
-    return blank
+    # DuckDB scans a registered table's record batches in parallel: one batch would use one thread
+    return pa.Table.from_batches(table.to_batches(max_chunksize=16_384))
 
 
-def _digest_and_lines(path: Path) -> tuple[str, int]:
-    """sha256 of the file and its number of lines (the last counted whether or not it ends in a newline)."""
-    digest, newlines, last = hashlib.sha256(), 0, b""
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-            newlines += chunk.count(b"\n")
-            last = chunk[-1:]
-    return digest.hexdigest(), newlines + (1 if last not in (b"", b"\n") else 0)
+def _decoded_line_by_line(block: bytes) -> tuple[pa.Array, pa.Array]:
+    """A block that is not all UTF-8: each line decoded alone; one that is not UTF-8 keeps its bytes as
+    backslash escapes and the read error `undecodable_bytes`."""
+    pieces = block.split(b"\n")
+    if block.endswith(b"\n"):
+        pieces.pop()
+    lines, errors = [], []
+    for raw in pieces:
+        try:
+            lines.append(raw.decode("utf-8"))
+            errors.append(None)
+        except UnicodeDecodeError:
+            lines.append(raw.decode("utf-8", errors="backslashreplace"))
+            errors.append(UNDECODABLE)
+    return pa.array(lines, pa.large_string()), pa.array(errors, pa.string())

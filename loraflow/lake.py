@@ -43,6 +43,9 @@ CATALOG_OBJECT = "_catalog.json"
 WHOLE_TABLE_OBJECT = "table.parquet"
 LOAD_ATTEMPTS = 3
 """Loads retried when an object vanishes between listing and reading (another run deleted it)."""
+MEMORY_LIMIT = "2GiB"
+"""DuckDB's memory limit for a warehouse connection; beyond it DuckDB spills to a temporary folder.
+DuckDB's own default, 80% of the machine's memory, lets one large partition take the machine."""
 
 Fingerprint = tuple[int, int]
 """(rows, sum of row hashes) of one partition: equal before and after means unchanged."""
@@ -278,12 +281,14 @@ def _fingerprints(con, schema: str, table: str, partitioned: bool) -> dict[Any, 
 
 
 @contextlib.contextmanager
-def open_lake(url: str, storage_options: dict[str, Any] | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+def open_lake(
+    url: str, storage_options: dict[str, Any] | None = None, memory_limit: str = MEMORY_LIMIT
+) -> Iterator[duckdb.DuckDBPyConnection]:
     """A connection to an in-memory database holding the lake at `url`; a clean exit writes the
     changed partitions back (see the module's docstring for what is written and when)."""
     lake = Lake(url, storage_options)
     with tempfile.TemporaryDirectory(prefix="loraflow-lake-") as spill:
-        con = _loaded(lake, spill)
+        con = _loaded(lake, spill, memory_limit)
         try:
             before = snapshot(con)
             yield con
@@ -298,12 +303,12 @@ def open_lake(url: str, storage_options: dict[str, Any] | None = None) -> Iterat
             con.close()
 
 
-def _loaded(lake: Lake, spill: str) -> duckdb.DuckDBPyConnection:
+def _loaded(lake: Lake, spill: str, memory_limit: str) -> duckdb.DuckDBPyConnection:
     """A fresh in-memory database with the lake loaded, retrying a load that raced a deletion."""
     error: Exception | None = None
     for _ in range(LOAD_ATTEMPTS):
         # beyond memory, DuckDB spills to a private folder rather than to the working directory
-        con = duckdb.connect(config={"temp_directory": spill})
+        con = duckdb.connect(config={"temp_directory": spill, "memory_limit": memory_limit})
         try:
             con.register_filesystem(lake.fs)
             lake.load(con)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import re
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -107,6 +108,12 @@ class QualitySpec(Section):
     max_response_chars: int = Field(default=4000, gt=0)
     """Longest answer, in characters; longer rows are quarantined (`response_too_long`)."""
 
+    max_record_chars: int = Field(default=10_000_000, gt=0)
+    """Longest raw record (a whole JSON line, or a CSV or Parquet row as JSON), in characters; a longer
+    one is quarantined (`record_too_long`) without being parsed, since parsing JSON takes several
+    times a text's size in memory. Far above any training example; at least max_prompt_chars +
+    max_response_chars."""
+
     max_tokens: int | None = Field(default=None, gt=0)
     """Longest example in the base model's tokens (prompt and answers, without template); longer rows
     are quarantined (`too_many_tokens`). None skips the count; set it near format.max_seq_len."""
@@ -121,6 +128,16 @@ class QualitySpec(Section):
 
     pii: PiiSpec = Field(default_factory=PiiSpec)
     """Personal data and secrets: what to look for and what to do with it."""
+
+    @model_validator(mode="after")
+    def _a_record_holds_a_prompt_and_an_answer(self) -> QualitySpec:
+        if self.max_record_chars < self.max_prompt_chars + self.max_response_chars:
+            raise ValueError(
+                f"max_record_chars ({self.max_record_chars:,}) is less than max_prompt_chars + "
+                f"max_response_chars ({self.max_prompt_chars + self.max_response_chars:,}): records of the "
+                "longest allowed examples would be quarantined as record_too_long. Raise max_record_chars"
+            )
+        return self
 
 
 class FormatSpec(Section):
@@ -208,6 +225,22 @@ class BaseModelSpec(Section):
 
     trust_remote_code: bool = False
     """Run Python code shipped with a hub model. Off unless you have read that code."""
+
+    allow_pickle: bool = False
+    """Accept a local folder whose weights are pickle files only (`pytorch_model.bin`, `*.bin`,
+    `*.pt`): loraflow converts them once to safetensors and uses only the converted copy. Off:
+    such a folder is refused, because loading a pickle file can run arbitrary code hidden in it.
+    Turn it on only for weights from a source you trust; or convert them yourself with
+    `model.save_pretrained(folder)`, which writes safetensors."""
+
+    @model_validator(mode="after")
+    def _pickle_is_for_a_local_folder(self) -> BaseModelSpec:
+        if self.allow_pickle and self.source in BUILTIN_MODELS:
+            raise ValueError(
+                f"allow_pickle is for a local folder of pickle weights; the built-in {self.source!r} "
+                "is safetensors already. Remove allow_pickle"
+            )
+        return self
 
 
 class QuantizationSpec(Section):
@@ -756,8 +789,74 @@ class PipelineSpec(PipelineAttributes):
 # loading
 
 
+MAX_YAML_VALUES = 100_000
+"""Most values (scalars, lists and mappings) a pipeline file may hold once its aliases are expanded:
+far more than any pipeline needs, far fewer than a file of nested aliases (a "billion laughs") that
+expands to millions and would take minutes and gigabytes to check."""
+
+
+class _ExpansionError(yaml.composer.ComposerError):
+    """Aliases that expand the document beyond MAX_YAML_VALUES values, or into itself."""
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """Safe YAML loading that also rejects a key given twice in one mapping."""
+    """Safe YAML loading that also rejects a key given twice in one mapping, and aliases that expand
+    the document beyond MAX_YAML_VALUES values or refer to a node they are inside. Anchors and
+    aliases within that bound work as YAML says."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._values = 0  # values composed so far, each alias counted as everything it stands for
+        self._sizes: dict[int, int] = {}  # id(node) -> its values with aliases expanded
+        self._open: list[str] = []  # anchors of the nodes being composed
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._open:
+                raise _ExpansionError(
+                    None,
+                    None,
+                    f"alias *{event.anchor} refers to the node it is inside: a pipeline file cannot hold "
+                    "a structure that contains itself",
+                    event.start_mark,
+                )
+            node = self.anchors.get(event.anchor)
+            if node is not None:  # an undefined alias gets PyYAML's own error
+                self._count(_expanded_size(node, self._sizes), event)
+            return super().compose_node(parent, index)
+        self._count(1, event)
+        self._open.append(event.anchor)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._open.pop()
+
+    def _count(self, values: int, event: yaml.Event) -> None:
+        self._values += values
+        if self._values > MAX_YAML_VALUES:
+            alias = f" (alias *{event.anchor} alone stands for {values:,})" if values > 1 else ""
+            raise _ExpansionError(
+                None,
+                None,
+                f"the file expands to more than {MAX_YAML_VALUES:,} values once its aliases are "
+                f"expanded{alias}; a pipeline needs far fewer. Write the values out, or use fewer "
+                "nested aliases",
+                event.start_mark,
+            )
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Values in a composed node with every alias expanded (a shared node counts each time it is used)."""
+    if id(node) not in sizes:
+        if isinstance(node, yaml.ScalarNode):
+            size = 1
+        elif isinstance(node, yaml.SequenceNode):
+            size = 1 + sum(_expanded_size(item, sizes) for item in node.value)
+        else:
+            size = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+        sizes[id(node)] = size
+    return sizes[id(node)]
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -819,6 +918,10 @@ def _first_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+_SHORT = reprlib.Repr()  # a bad value is quoted in an error this short, whatever its size
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 3, 6, 6, 200, 200
+
+
 def _describe(error: dict[str, Any]) -> tuple[tuple[int | str, ...], str]:
     loc = tuple(
         p for p in error["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal")))
@@ -832,7 +935,8 @@ def _describe(error: dict[str, Any]) -> tuple[tuple[int | str, ...], str]:
     if error["type"] == "missing":
         return loc, "required key is missing"
     message = error["msg"].removeprefix("Value error, ")
-    return loc, f"{message} (got {error.get('input')!r})" if error["type"] != "value_error" else message
+    got = _SHORT.repr(error.get("input"))
+    return loc, f"{message} (got {got})" if error["type"] != "value_error" else message
 
 
 COMPONENT_FILE = "defs.yaml"
@@ -872,8 +976,15 @@ def load_spec(path: str | Path, root: str | Path | None = None) -> PipelineSpec:
     try:
         node = yaml.compose(text, Loader=_StrictLoader)
         raw = yaml.load(text, Loader=_StrictLoader)
+    except _ExpansionError as err:
+        raise SpecError(f"{path}: line {err.problem_mark.line + 1}: {err.problem}") from None
     except yaml.YAMLError as err:
         raise SpecError(f"{path}: not valid YAML: {err}") from err
+    except RecursionError:
+        raise SpecError(
+            f"{path}: nested too deeply to read (lists or mappings inside each other hundreds of levels "
+            "deep); a pipeline file needs a few levels"
+        ) from None
     if raw is None:
         raise SpecError(f"{path}: the file is empty; a pipeline needs at least a `data.sources` list")
     if not isinstance(raw, dict):

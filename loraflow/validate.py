@@ -36,10 +36,13 @@ VALID_TABLE = "validated_examples"
 QUARANTINE_TABLE = "quarantine"
 EXAMPLES_VIEW = "examples"
 CROSS_DUPLICATES_VIEW = "duplicates_across_files"
+MAX_RECORD_CHARS = QualitySpec().max_record_chars
+"""The default of quality.max_record_chars: records longer than this are not parsed."""
 
 # reason code -> what it means; the codes are stable (metadata keys, check results, reports).
 REASONS: dict[str, str] = {
     "undecodable_bytes": "the line is not valid UTF-8 text",
+    "record_too_long": "the raw record is longer than quality.max_record_chars characters (not parsed)",
     "malformed_json": "the record is not valid JSON",
     "not_an_object": "the record is JSON but not an object",
     "missing_field": "a required field is missing (detail names it)",
@@ -62,6 +65,15 @@ PII_PATTERNS: dict[str, str] = {
     "api_key": r"\b(?:sk|pk|rk)-[A-Za-z0-9_-]{16,}|\bAKIA[0-9A-Z]{16}\b|\bgh[pousr]_[A-Za-z0-9]{30,}"
     r"|\bxox[abprs]-[A-Za-z0-9-]{10,}",
 }
+# The same patterns for Python's `re` (the Great Expectations suite searches with it). `re`
+# backtracks: an unanchored search for the email pattern retries the address's first part from every
+# character of a long run of letters, quadratic in the run (64 KB of letters took 8 s, a 60 MB field
+# days). Starting only where such a run starts finds the same addresses in linear time. RE2 (DuckDB)
+# has no look-behind and needs none: it is linear by construction.
+PII_PATTERNS_PYTHON: dict[str, str] = {
+    **PII_PATTERNS,
+    "email": r"(?<![A-Za-z0-9._%+-])" + PII_PATTERNS["email"],
+}
 # A byte search that must succeed before a pattern can match: far cheaper than the regular expression.
 PII_PREFILTERS = {"email": "contains(all_text, '@')"}
 PII_PLACEHOLDERS = {"email": "[EMAIL]", "phone": "[PHONE]", "api_key": "[API_KEY]"}
@@ -83,6 +95,8 @@ SCHEMA_KEYS = {
     "sharegpt": ("conversations",),
     "completion": ("text",),
 }
+NO_SCHEMA = "none"
+"""The schema of a partition that holds no JSON object at all."""
 
 
 class SchemaError(ValueError):
@@ -181,11 +195,19 @@ def _path(key: str, suffix: str = "") -> str:
     return _lit("$." + json.dumps(key) + suffix)
 
 
-def detect_schema(con: duckdb.DuckDBPyConnection, pipeline: str, partition: str, source: SourceSpec) -> str:
+def detect_schema(
+    con: duckdb.DuckDBPyConnection,
+    pipeline: str,
+    partition: str,
+    source: SourceSpec,
+    max_record_chars: int = MAX_RECORD_CHARS,
+) -> str:
     """The schema of a partition: the source's `format`, or the one the records' keys point to.
 
     Looks at up to 500 records. A schema is a candidate when at least half of the JSON objects have
-    its keys (after the column mapping). None or several candidates is a SchemaError.
+    its keys (after the column mapping). None or several candidates is a SchemaError. A partition
+    without a single JSON object (an empty file, or one of undecodable or malformed lines) has no
+    schema to detect: it is `none`, and every row it has is quarantined for what is wrong with it.
     """
     if source.format != "auto":
         return source.format
@@ -199,14 +221,17 @@ def detect_schema(con: duckdb.DuckDBPyConnection, pipeline: str, partition: str,
         f"""
         WITH sample AS (
             SELECT record FROM "{pipeline}".{RAW_TABLE}
-            WHERE partition = ? AND read_error IS NULL AND json_valid(record) AND json_type(record) = 'OBJECT'
+            WHERE partition = ? AND read_error IS NULL AND length(record) <= ?
+              AND json_valid(record) AND json_type(record) = 'OBJECT'
             ORDER BY record_index, sub_index LIMIT 500
         )
         SELECT count(*), {checks} FROM sample
         """,
-        [partition],
+        [partition, max_record_chars],
     ).fetchone()
     objects, counts = row[0], dict(zip(SCHEMA_KEYS, row[1:], strict=True))
+    if not objects:
+        return NO_SCHEMA
     candidates = [name for name, count in counts.items() if objects and count * 2 >= objects]
     if len(candidates) == 1:
         return candidates[0]
@@ -215,10 +240,11 @@ def detect_schema(con: duckdb.DuckDBPyConnection, pipeline: str, partition: str,
             f"""
             SELECT string_agg(DISTINCT k, ', ' ORDER BY k) FROM (
                 SELECT unnest(json_keys(record)) AS k FROM "{pipeline}".{RAW_TABLE}
-                WHERE partition = ? AND read_error IS NULL AND json_valid(record) AND json_type(record) = 'OBJECT'
+                WHERE partition = ? AND read_error IS NULL AND length(record) <= ?
+                  AND json_valid(record) AND json_type(record) = 'OBJECT'
                 LIMIT 5000)
             """,
-            [partition],
+            [partition, max_record_chars],
         ).fetchone()[0]
         expected = "; ".join(f"{name}: {' + '.join(keys)}" for name, keys in SCHEMA_KEYS.items())
         raise SchemaError(
@@ -241,7 +267,8 @@ def _fields_sql(schema: str, source: SourceSpec) -> str:
     """Schema-specific columns: missing, wrong (field names), roles and contents (lists), text."""
     if schema == "alpaca":
         i, n, o = (_path(source.column(f)) for f in ("instruction", "input", "output"))
-        # one parse of the record for all three fields; the small values are then cheap to inspect
+        # one parse of the record for the three fields' types, one for their text; json_extract would
+        # write each value back out as JSON, which for a field of tens of MB costs ten times its size
         return f"""
             SELECT *,
                 CASE WHEN t_i IS NULL THEN {_lit(source.column("instruction"))}
@@ -256,11 +283,12 @@ def _fields_sql(schema: str, source: SourceSpec) -> str:
                 SELECT * EXCLUDE (ins, inp, out), {_trimmed("ins")} AS ins, {_trimmed("inp")} AS inp,
                        {_trimmed("out")} AS out
                 FROM (
-                    SELECT *, json_type(vals[1]) AS t_i, json_type(vals[2]) AS t_n, json_type(vals[3]) AS t_o,
-                        coalesce(json_extract_string(vals[1], '$'), '') AS ins,
-                        CASE WHEN json_type(vals[2]) = 'VARCHAR' THEN json_extract_string(vals[2], '$') END AS inp,
-                        coalesce(json_extract_string(vals[3], '$'), '') AS out
-                    FROM (SELECT *, CASE WHEN is_object THEN json_extract(doc, [{i}, {n}, {o}]) END AS vals
+                    SELECT *, types[1] AS t_i, types[2] AS t_n, types[3] AS t_o,
+                        coalesce(vals[1], '') AS ins,
+                        CASE WHEN types[2] = 'VARCHAR' THEN vals[2] END AS inp,
+                        coalesce(vals[3], '') AS out
+                    FROM (SELECT *, CASE WHEN is_object THEN json_type(doc, [{i}, {n}, {o}]) END AS types,
+                                 CASE WHEN is_object THEN json_extract_string(doc, [{i}, {n}, {o}]) END AS vals
                           FROM objects)))
         """
     if schema in ("chat", "sharegpt"):
@@ -299,6 +327,12 @@ def _fields_sql(schema: str, source: SourceSpec) -> str:
                     CASE WHEN json_type(doc, {whole}) = 'ARRAY'
                          THEN json_extract_string(doc, {contents_path}) END AS raw_contents
                 FROM objects)
+        """
+    if schema == NO_SCHEMA:  # no row is an object: the reasons before the fields' decide every row
+        return """
+            SELECT *, NULL::VARCHAR AS missing, NULL::VARCHAR AS wrong, []::VARCHAR[] AS roles,
+                   []::VARCHAR[] AS contents
+            FROM objects
         """
     text = _path(source.column("text"))
     return f"""
@@ -385,9 +419,12 @@ def _classified_sql(pipeline: str, schema: str, source: SourceSpec, quality: Qua
     )
     return f"""
     WITH raw AS (
-        SELECT partition, source_file, record_index, sub_index, record, read_error, ingested_at,
-               read_error IS NULL AND json_valid(record) AS is_json
-        FROM "{pipeline}".{RAW_TABLE} WHERE partition = $partition
+        SELECT *, read_error IS NULL AND NOT record_too_long AND json_valid(record) AS is_json
+        FROM (
+            SELECT partition, source_file, record_index, sub_index, record, read_error, ingested_at,
+                   length(record) > {quality.max_record_chars} AS record_too_long
+            FROM "{pipeline}".{RAW_TABLE} WHERE partition = $partition
+        )
     ),
     objects AS (
         -- invalid records are looked at as an empty object, so the JSON functions never see them
@@ -403,23 +440,35 @@ def _classified_sql(pipeline: str, schema: str, source: SourceSpec, quality: Qua
     normalized AS (
         SELECT *, CASE WHEN parsed THEN {contents} END AS contents FROM usable
     ),
-    shaped AS (
+    sized AS (
         SELECT *,
-            CASE WHEN parsed THEN {prompt} END AS prompt,
-            CASE WHEN parsed THEN {response} END AS response,
-            CASE WHEN parsed THEN {messages} END AS messages,
-            CASE WHEN parsed THEN {text} END AS text,
-            array_to_string(contents, chr(10)) AS all_text
-        FROM normalized
+            coalesce(length(prompt) > {quality.max_prompt_chars}, false) AS prompt_too_long,
+            coalesce(length(response) > {quality.max_response_chars}, false) AS response_too_long
+        FROM (
+            SELECT *,
+                CASE WHEN parsed THEN {prompt} END AS prompt,
+                CASE WHEN parsed THEN {response} END AS response
+            FROM normalized
+        )
+    ),
+    shaped AS (
+        -- a row over the length limits is quarantined for that: the costly rest (its JSON, hash and
+        -- pattern scans, each a copy of a text that may be tens of MB) is skipped for it
+        SELECT *,
+            CASE WHEN within_limits THEN {messages} END AS messages,
+            CASE WHEN within_limits THEN {text} END AS text,
+            CASE WHEN within_limits THEN array_to_string(contents, chr(10)) END AS all_text
+        FROM (SELECT *, parsed AND NOT prompt_too_long AND NOT response_too_long AS within_limits FROM sized)
     ),
     scanned AS (
         SELECT *, CASE WHEN flagged THEN {pii_kind} END AS pii
-        FROM (SELECT *, coalesce(parsed AND {flagged}, false) AS flagged FROM shaped)
+        FROM (SELECT *, coalesce(within_limits AND {flagged}, false) AS flagged FROM shaped)
     ),
     judged AS (
         SELECT *,
             CASE
                 WHEN read_error IS NOT NULL THEN read_error
+                WHEN record_too_long THEN 'record_too_long'
                 WHEN NOT is_json THEN 'malformed_json'
                 WHEN NOT is_object THEN 'not_an_object'
                 WHEN missing IS NOT NULL THEN 'missing_field'
@@ -427,21 +476,26 @@ def _classified_sql(pipeline: str, schema: str, source: SourceSpec, quality: Qua
                 WHEN {bad_conversation} THEN 'bad_conversation'
                 WHEN {empty_prompt} THEN 'empty_prompt'
                 WHEN {empty_response} THEN 'empty_response'
+                WHEN prompt_too_long THEN 'prompt_too_long'
+                WHEN response_too_long THEN 'response_too_long'
                 WHEN {control} THEN 'control_characters'
-                WHEN length(prompt) > {quality.max_prompt_chars} THEN 'prompt_too_long'
-                WHEN length(response) > {quality.max_response_chars} THEN 'response_too_long'
                 WHEN pii IS NOT NULL THEN 'pii'
             END AS reason,
             coalesce(missing, wrong, pii) AS reason_detail,
             {
-        "parsed AND all_text IS DISTINCT FROM array_to_string(original, chr(10))"
+        "within_limits AND all_text IS DISTINCT FROM array_to_string(original, chr(10))"
         if contents != "original"
         else "false"
     } AS redacted
         FROM scanned
     )
-    SELECT partition, source_file, record_index, sub_index, ingested_at, messages, text, prompt, response,
-        sha256(coalesce(messages, '') || chr(0) || coalesce(text, '')) AS example_hash, redacted, reason,
+    SELECT partition, source_file, record_index, sub_index, ingested_at, messages, text,
+        -- the data checks need an oversized text only up to one character past its limit
+        left(prompt, {quality.max_prompt_chars + 1}) AS prompt,
+        left(response, {quality.max_response_chars + 1}) AS response,
+        CASE WHEN messages IS NOT NULL OR text IS NOT NULL
+             THEN sha256(coalesce(messages, '') || chr(0) || coalesce(text, '')) END AS example_hash,
+        redacted, reason,
         CASE WHEN reason IN ('missing_field', 'wrong_type', 'pii') THEN reason_detail END AS detail
     FROM judged
     """
@@ -476,7 +530,7 @@ def validate_partition(
     temp table `classified` for callers that want to look at them (data checks).
     """
     ensure_tables(con, pipeline)
-    schema = detect_schema(con, pipeline, partition, source)
+    schema = detect_schema(con, pipeline, partition, source, quality.max_record_chars)
     con.execute(
         "CREATE OR REPLACE TEMP TABLE classified AS " + _classified_sql(pipeline, schema, source, quality),
         {"partition": partition},
@@ -526,16 +580,21 @@ def validate_partition(
 
 
 def _mark_too_many_tokens(con: duckdb.DuckDBPyConnection, tokenizer, max_tokens: int) -> None:
-    """Count tokens of the rows still valid and mark those over the limit `too_many_tokens`."""
-    rows = con.execute(
-        "SELECT record_index, sub_index, coalesce(prompt, '') || chr(10) || coalesce(response, '') "
+    """Count tokens of the rows still valid and mark those over the limit `too_many_tokens`.
+
+    Only rows within the character limits are still valid, so no oversized text is tokenized; they
+    are read in batches, so the partition's texts are never all in memory at once.
+    """
+    batches = con.execute(
+        "SELECT record_index, sub_index, coalesce(prompt, '') || chr(10) || coalesce(response, '') AS text "
         "FROM classified WHERE reason IS NULL"
-    ).fetchall()
+    ).to_arrow_reader(2048)
     over_index, over_sub = [], []
-    for start in range(0, len(rows), 2048):
-        chunk = rows[start : start + 2048]
-        lengths = tokenizer([r[2] for r in chunk], add_special_tokens=False, return_length=True)["length"]
-        for (index, sub, _), length in zip(chunk, lengths, strict=True):
+    for batch in batches:
+        texts = batch.column("text").to_pylist()
+        lengths = tokenizer(texts, add_special_tokens=False, return_length=True)["length"]
+        indices, subs = batch.column("record_index").to_pylist(), batch.column("sub_index").to_pylist()
+        for index, sub, length in zip(indices, subs, lengths, strict=True):
             if length > max_tokens:
                 over_index.append(index)
                 over_sub.append(sub)
@@ -593,17 +652,21 @@ def valid_sample(
     ).fetchall()
 
 
-def record_schema(con: duckdb.DuckDBPyConnection, pipeline: str, partition: str) -> dict[str, str]:
-    """Top-level keys of the partition's JSON records with their JSON types (most common type wins)."""
+def record_schema(
+    con: duckdb.DuckDBPyConnection, pipeline: str, partition: str, max_record_chars: int = MAX_RECORD_CHARS
+) -> dict[str, str]:
+    """Top-level keys of the partition's JSON records with their JSON types (most common type wins);
+    records over `max_record_chars` are not parsed."""
     rows = con.execute(
         f"""
         WITH keys AS (
             SELECT unnest(json_keys(record)) AS key, record FROM "{pipeline}".{RAW_TABLE}
-            WHERE partition = ? AND read_error IS NULL AND json_valid(record) AND json_type(record) = 'OBJECT'
+            WHERE partition = ? AND read_error IS NULL AND length(record) <= ?
+              AND json_valid(record) AND json_type(record) = 'OBJECT'
         )
         SELECT key, mode(json_type(record, '$."' || replace(key, '"', '\\"') || '"')) FROM keys GROUP BY key ORDER BY key
         """,
-        [partition],
+        [partition, max_record_chars],
     ).fetchall()
     return dict(rows)
 
@@ -623,7 +686,12 @@ def schema_drift(previous: dict[str, str] | None, current: dict[str, str]) -> di
 
 
 def classified_frame(con: duckdb.DuckDBPyConnection):
-    """The rows of the last validate_partition call as a DataFrame for data checks."""
+    """The rows of the last validate_partition call as a DataFrame for data checks.
+
+    Each prompt and response is there up to one character past its length limit: the length rules
+    reach the same verdict, and an oversized field (tens of MB) costs the checks no more than one at
+    the limit.
+    """
     return con.execute(
         "SELECT record_index, sub_index, prompt, response, example_hash, reason FROM classified"
     ).df()

@@ -5,7 +5,8 @@
 Without LORAFLOW_DEPLOYMENT everything lives under the artifact home (a DuckDB file, a local
 store, training in the step's process). With it, each top-level key of the file configures one
 resource: `warehouse`, `store`, `trainer`, `io_manager` and `hub`, with the fields of their classes
-in resources/; a key left out keeps its default under the home (`io_manager` follows `store`).
+in resources/; a key left out keeps its default under the home (`io_manager` follows `store`: its
+root, url and storage options).
 
 A field that takes a string or a number may be written `{env: NAME}`: the environment variable
 NAME, read when the definitions load, so that the resources work outside runs too (the command-line
@@ -91,9 +92,13 @@ def load_resources(path: Path, home: Path) -> dict:
             )
         resources[name] = _build(path, name, RESOURCE_CLASSES[name], section or {})
     if "io_manager" not in document and "store" in document:
-        # manifests live beside the artifacts they point at
-        resources["io_manager"] = ManifestIOManager(root=resources["store"].root)
+        # manifests live beside the artifacts they point at, on object storage too when the store is
+        store = resources["store"]
+        resources["io_manager"] = ManifestIOManager(
+            root=store.root, url=store.url, storage_options=store.storage_options
+        )
     _check_store_is_on_the_training_volume(path, resources["store"], resources["trainer"])
+    _check_manifests_follow_the_store(path, resources["store"], resources["io_manager"])
     return resources
 
 
@@ -184,4 +189,17 @@ def _check_store_is_on_the_training_volume(path: Path, store: ArtifactStore, tra
             f"{path}: store.root {store.root} is not on trainer.kubernetes.store_mount_path {mount}: the "
             "training pod sees the artifact store only through that volume. Mount the volume where the "
             "store's root is (or set store.root to the mount path)"
+        )
+
+
+def _check_manifests_follow_the_store(
+    path: Path, store: ArtifactStore, io_manager: ManifestIOManager
+) -> None:
+    """The IO manager uploads what the store's assets wrote: with the store on object storage, an
+    io_manager section pointing elsewhere would keep every artifact off the bucket."""
+    if store.url and (io_manager.url, io_manager.storage_options) != (store.url, store.storage_options):
+        raise DeploymentError(
+            f"{path}: io_manager.url {io_manager.url} is not store.url {store.url}: manifests and the "
+            "artifacts they name are uploaded together. Leave io_manager out (it follows store), or give "
+            "it the store's url and storage_options"
         )

@@ -13,11 +13,16 @@ step with the worker's own message.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
+import psutil
 from dagster import Config, ConfigurableResource
 from pydantic import Field
 
@@ -29,6 +34,8 @@ WORKER = ["-m", "loraflow.worker"]
 CONTAINER = "loraflow-worker"
 STORE_VOLUME = "artifact-store"
 TERMINATION_LOG = "/dev/termination-log"
+RUN_WATCH_SECONDS = 5.0
+"""How often a training step looks whether its run is still going (see ends_with_its_run)."""
 
 
 class KubernetesSettings(Config):
@@ -99,11 +106,13 @@ class Trainer(ConfigurableResource):
         typed events once a Pipes session opened); the adapter asset does."""
         if self.mode == "in_process":
             # the adapter asset checked the memory plan on this machine before asking
-            return run_training(request, preflight=False)
+            with ends_with_its_run(context):
+                return run_training(request, preflight=False)
         if self.mode == "kubernetes":
             self._run_in_pod(context, request)
         else:
-            self._run_subprocess(context, request)
+            with ends_with_its_run(context):
+                self._run_subprocess(context, request)
         return read_result(request.adapter_dir)
 
     @property
@@ -150,6 +159,46 @@ class Trainer(ConfigurableResource):
             base_pod_spec=worker_pod_spec(self.kubernetes, request, self.env),
             extras=worker_extras(request),
         )
+
+
+@contextlib.contextmanager
+def ends_with_its_run(context, every: float = RUN_WATCH_SECONDS) -> Iterator[None]:
+    """While the block trains, end this process and the training processes it started as soon as
+    the run is over without them.
+
+    A run worker killed outright (kill -9, the OOM killer, a lost machine) leaves the step processes
+    of Dagster's multiprocess executor running: the code server marks the run failed, the daemon
+    retries it, and run monitoring gives the "gpu" slot to the retry, while the orphan still trains
+    on the same device into the same checkpoint folder (seen here: an orphaned training went on to
+    its last step and wrote the adapter 25 s after its run worker was killed). So a thread reads
+    the run's status every `every` seconds and, once the run has finished (failed or canceled),
+    kills the worker processes and this one, well before run monitoring frees the slot
+    (`free_slots_after_run_end_seconds` in dagster.yaml). A pod in `kubernetes` mode is not this
+    process's child; a failed run's pod is Kubernetes' to stop."""
+    instance, run_id = context.instance, context.run_id
+    training = threading.Event()
+    training.set()
+
+    def watch() -> None:
+        while training.is_set():
+            time.sleep(every)
+            try:
+                run = instance.get_run_by_id(run_id)
+            except Exception:  # the storage is unreachable for now: look again next time
+                continue
+            if training.is_set() and run is not None and run.is_finished:
+                me = psutil.Process()
+                for child in me.children(recursive=True):
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        child.kill()
+                me.kill()
+
+    watcher = threading.Thread(target=watch, name=f"loraflow-watch-{run_id[:8]}", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        training.clear()
 
 
 def worker_extras(request: TrainRequest) -> dict:

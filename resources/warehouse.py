@@ -11,9 +11,10 @@ from typing import Any
 
 import duckdb
 from dagster import ConfigurableResource
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from loraflow.lake import open_lake
+from loraflow.lake import MEMORY_LIMIT, open_lake
+from loraflow.mirror import check_url
 
 
 class Warehouse(ConfigurableResource):
@@ -36,10 +37,21 @@ class Warehouse(ConfigurableResource):
         "an S3-compatible store. Credentials come from the environment (AWS_ACCESS_KEY_ID, a pod's role), "
         "not from here.",
     )
+    memory_limit: str = Field(
+        default=MEMORY_LIMIT,
+        description="DuckDB's memory limit (e.g. 2GiB, 8GiB); beyond it DuckDB spills to a temporary "
+        "folder (beside the database file, `<file>.tmp`), so a large partition slows down rather than "
+        "taking the machine's memory.",
+    )
     lock_timeout_seconds: float = Field(
         default=120.0,
         description="How long to wait for another process's write lock on the file before failing.",
     )
+
+    @field_validator("url")
+    @classmethod
+    def _url_has_a_filesystem(cls, url: str | None) -> str | None:
+        return check_url(url) if url is not None else None
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -50,7 +62,7 @@ class Warehouse(ConfigurableResource):
         exception writes back the partitions that changed (concurrent runs may write different
         partitions; for the same partition the last to finish wins)."""
         if self.url:
-            with open_lake(self.url, self.storage_options) as con:
+            with open_lake(self.url, self.storage_options, self.memory_limit) as con:
                 yield con
             return
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -58,7 +70,7 @@ class Warehouse(ConfigurableResource):
         delay = 0.2
         while True:
             try:
-                con = duckdb.connect(self.path)
+                con = duckdb.connect(self.path, config={"memory_limit": self.memory_limit})
                 break
             except duckdb.IOException as err:
                 if "lock" not in str(err).lower() or time.monotonic() > deadline:

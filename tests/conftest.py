@@ -140,8 +140,8 @@ def materialize_upstream_of_adapter(spec, home: Path) -> None:
         )
 
 
-WAITING_FIRST = ("test_backfill.py", "test_ui.py")
-"""Files that spend most of their time waiting (a daemon's 30 s ticks, a browser and a webserver)."""
+WAITING_FIRST = ("test_faults.py", "test_backfill.py", "test_ui.py")
+"""Files that spend most of their time waiting (a daemon's ticks and retries, a browser and a webserver)."""
 
 
 def pytest_collection_modifyitems(items):
@@ -153,3 +153,46 @@ def pytest_collection_modifyitems(items):
 
     per_file = Counter(item.path for item in items)
     items.sort(key=lambda item: (item.path.name not in WAITING_FIRST, -per_file[item.path], str(item.path)))
+
+
+def secret_leaks(secret: str, folders: list[Path], instance=None) -> list[str]:
+    """Where `secret` appears in what a run left behind: any file under `folders` (raw bytes, and the
+    rows of Parquet and DuckDB files, whose pages may be compressed), and every event of every run
+    on `instance` (messages, metadata, errors) as Dagster stores it."""
+    import duckdb
+    from dagster._serdes import serialize_value
+
+    found = []
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("*")):
+            if not path.is_file():
+                continue
+            if secret.encode() in path.read_bytes():
+                found.append(str(path))
+            elif path.suffix in (".parquet", ".duckdb"):
+                with duckdb.connect(":memory:") as con:
+                    if path.suffix == ".parquet":
+                        tables = [f"read_parquet('{path}')"]
+                    else:
+                        con.execute(f"ATTACH '{path}' AS stored (READ_ONLY)")
+                        tables = [
+                            f'stored."{schema}"."{name}"'
+                            for schema, name in con.execute(
+                                "SELECT schema_name, table_name FROM duckdb_tables() WHERE database_name = 'stored'"
+                            ).fetchall()
+                        ]
+                    for table in tables:
+                        if any(
+                            secret in repr(row) for row in con.execute(f"SELECT * FROM {table}").fetchall()
+                        ):
+                            found.append(f"{path}: {table}")
+    if instance is not None:
+        for run in instance.get_runs():
+            for record in instance.all_logs(run.run_id):
+                if secret in serialize_value(record):
+                    found.append(
+                        f"run {run.run_id}: {record.message or record.dagster_event.event_type_value}"
+                    )
+            if secret in serialize_value(run):
+                found.append(f"run {run.run_id}: its config or tags")
+    return found

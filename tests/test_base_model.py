@@ -56,14 +56,58 @@ def test_relative_local_folder_resolves_against_project_root(tiny_model_dir, tmp
     assert resolved.path == (tmp_path / "models" / "tiny").resolve()
 
 
-def test_pickled_weights_are_refused(tiny_model_dir, tmp_path):
-    folder = tmp_path / "pickled"
+def pickled_copy(tiny_model_dir, folder):
+    """The tiny model's folder with its weights as PyTorch's pickle file instead of safetensors."""
+    import torch
+    from safetensors.torch import load_file
+
     shutil.copytree(tiny_model_dir, folder)
-    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
-    with pytest.raises(
-        BaseModelError, match=r"no \*\.safetensors weights.*pytorch_model\.bin.*safetensors only"
-    ):
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    return folder
+
+
+def test_pickled_weights_are_refused_saying_why_and_what_to_do(tiny_model_dir, tmp_path):
+    folder = pickled_copy(tiny_model_dir, tmp_path / "pickled")
+    with pytest.raises(BaseModelError) as refused:
         resolve_base_model(BaseModelSpec(source=str(folder)), tmp_path / "store")
+    message = str(refused.value)
+    assert f"{folder} has no *.safetensors weights. It has pytorch_model.bin: pickle files" in message
+    assert "can run arbitrary code when they are loaded" in message
+    assert "model.save_pretrained(folder)" in message and "base_model.allow_pickle: true" in message
+    assert not (tmp_path / "store").exists()  # nothing was unpickled or written
+
+
+def test_pickled_weights_allowed_by_the_yaml_are_converted_once_to_safetensors(tiny_model_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    folder = pickled_copy(tiny_model_dir, tmp_path / "pickled")
+    spec = BaseModelSpec(source=str(folder), allow_pickle=True)
+    resolved = resolve_base_model(spec, tmp_path / "store")
+    assert resolved.converted_from == folder.resolve()
+    assert resolved.path.is_relative_to(tmp_path / "store") and not list(resolved.path.glob("*.bin"))
+    assert resolved.content_hash == model_content_hash(resolved.path)
+    original = load_file(tiny_model_dir / "model.safetensors")
+    converted = load_causal_lm(resolved.path).state_dict()
+    assert all(torch.equal(converted[name], tensor) for name, tensor in original.items())
+    assert load_tokenizer(resolved.path).chat_template == load_tokenizer(tiny_model_dir).chat_template
+
+    weights = next(resolved.path.glob("*.safetensors"))
+    written = weights.stat().st_mtime_ns
+    again = resolve_base_model(spec, tmp_path / "store")
+    assert (again.path, again.content_hash) == (resolved.path, resolved.content_hash)
+    assert weights.stat().st_mtime_ns == written  # not converted a second time
+
+
+def test_allow_pickle_on_the_builtin_model_is_refused_when_the_yaml_loads(tmp_path):
+    from loraflow.spec import SpecError, load_spec
+
+    path = tmp_path / "pipelines" / "p.yaml"
+    path.parent.mkdir()
+    path.write_text("data:\n  sources:\n    - path: x.jsonl\nbase_model:\n  allow_pickle: true\n")
+    with pytest.raises(SpecError, match=r"base_model \(line 4\): allow_pickle is for a local folder"):
+        load_spec(path)
 
 
 def test_missing_local_folder_says_what_sources_are_allowed(tmp_path):

@@ -58,6 +58,25 @@ def test_the_ingestion_benchmark_checks_every_planted_row_in_its_quick_mode():
     assert re.fullmatch(r"ingest\+validate: \d+ rows/s, peak \d+ MiB, pandas read: \d+ rows/s", lines[-1])
 
 
+def test_the_ingestion_benchmark_runs_several_sizes_and_reports_how_they_grow():
+    done = subprocess.run(
+        [sys.executable, "bench/ingest.py", "--rows", "3000", "6000", "--pandas", "off"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
+    lines = done.stdout.splitlines()
+    assert sum(line.endswith(": ok") and "count invariant" in line for line in lines) == 2
+    table = lines[lines.index(next(line for line in lines if line.startswith("growth ("))) + 2 :][:2]
+    assert [row.split()[0] for row in table] == ["3,000", "6,000"]
+    for row in table:
+        rows, seconds, per_s, peak = row.split()
+        assert int(per_s.replace(",", "")) > 0 and int(peak.replace(",", "")) > 0 and float(seconds) > 0
+    assert re.fullmatch(r"ingest\+validate: \d+ rows/s, peak \d+ MiB, pandas read: not run", lines[-1])
+
+
 def test_the_tokenization_benchmark_tokenizes_and_packs_in_its_quick_mode(builtin_model, store_root):
     lines = quick("tokenization.py", "--store", str(store_root))
     assert any(line.startswith("examples: 2,000, tokens: ") for line in lines)

@@ -91,7 +91,8 @@ def test_the_repositorys_instance_queues_runs_limits_backfills_and_the_gpu_pool_
         assert concurrency.pool_config.default_pool_limit == 1  # one training at a time
         monitoring = instance.run_monitoring_settings
         assert monitoring["enabled"] and monitoring["start_timeout_seconds"] == 300
-        assert monitoring["free_slots_after_run_end_seconds"] == 30  # a crashed run frees the gpu slot
+        assert monitoring["free_slots_after_run_end_seconds"] == 10  # a crashed run frees the gpu slot
+        assert monitoring["poll_interval_seconds"] == 10  # ... seen within this long
         assert instance.run_retries_enabled and instance.run_retries_max_retries == 2
         assert instance.run_retries_retry_on_asset_or_op_failure is False
         assert not instance.telemetry_enabled

@@ -22,6 +22,7 @@ from dagster._core.run_coordinator import QueuedRunCoordinator
 from dagster_k8s import K8sRunLauncher
 from dagster_postgres import DagsterPostgresStorage
 from dagster_postgres.utils import pg_url_from_config
+from sqlalchemy.engine import make_url
 
 from assets import PARTITIONED_STAGES, pipeline_assets, source_partitions
 from loraflow.demo_data import write_demo_data
@@ -36,6 +37,7 @@ from resources.trainer import worker_pod_spec
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 CLUSTER_ENV = {
     "DAGSTER_PG_HOST": "db.example",
+    "DAGSTER_PG_PORT": "6432",
     "DAGSTER_PG_USER": "loraflow",
     "DAGSTER_PG_PASSWORD": "p@ss",
     "DAGSTER_PG_DB": "dagster",
@@ -145,7 +147,10 @@ def test_the_cluster_instance_keeps_its_history_in_postgres_named_by_the_environ
     # resolved as the storage resolves it when the instance starts; nothing connects
     resolved = process_config(DagsterPostgresStorage.config_type(), yaml.safe_load(storage.config_yaml))
     assert resolved.success, resolved.errors
-    assert pg_url_from_config(resolved.value) == "postgresql://loraflow:p%40ss@db.example:5432/dagster"
+    url = pg_url_from_config(resolved.value)
+    assert url == "postgresql+psycopg2://loraflow:p%40ss@db.example:6432/dagster"
+    # the driver it names is installed: SQLAlchemy 2.1 would take a bare postgresql:// for psycopg 3
+    make_url(url).get_dialect().import_dbapi()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import write_yaml
+from conftest import secret_leaks, write_yaml
 from dagster import AssetCheckKey, AssetKey, AssetRecordsFilter, instance_for_test
 
 from loraflow.dataset import stored_template
@@ -92,6 +92,9 @@ def instance():
 # becomes of each: a quarantine reason, kept (the quality rules see nothing wrong with a blank optional
 # input or an answer in the wrong format; the gate's format_match does), or dropped as a copy of a
 # record in the first file.
+# the Hub token of the chain that uploads: it must appear in nothing the run leaves behind
+TOKEN = "hf_test_token_5f0c1a9e7d3b2468"
+
 PLANTED = [
     "empty_response",
     "kept",
@@ -124,7 +127,7 @@ def test_demo_chain_publishes_a_model_that_loads_and_generates(
         deployment = project / "resources.yaml"
         deployment.write_text(f"hub:\n  token: {{env: HF_TOKEN}}\n  endpoint: {hub.url}\n")
         monkeypatch.setenv("LORAFLOW_DEPLOYMENT", str(deployment))
-        monkeypatch.setenv("HF_TOKEN", "hf_test_token_0123456789")
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
         outcome = run_pipeline(spec, instance, home)
     assert outcome["success"], outcome
 
@@ -244,6 +247,10 @@ def test_demo_chain_publishes_a_model_that_loads_and_generates(
     assert all(f"| {partition} |" in card for partition in spec.partitions())
     assert str(project) not in card
     assert (home / "models" / "triage" / "latest").read_text().strip() == outcome["published"]["version"]
+
+    # the token the upload used is nowhere in what the run left: logs, metadata, manifests, model
+    # card, training record, MLflow store, warehouse, the instance's own storage
+    assert secret_leaks(TOKEN, [home, Path(instance.root_directory)], instance) == []
 
 
 def test_too_many_invalid_rows_stop_the_run_before_training(project, tiny_model_dir, instance):

@@ -95,6 +95,14 @@ def test_lora_with_quantization_on_is_a_contradiction(project):
         load_spec(write_yaml(project / "pipelines", "triage", text))
 
 
+def test_a_record_limit_below_the_field_limits_is_a_contradiction(project):
+    text = MINIMAL + "quality:\n  max_prompt_chars: 8000\n  max_record_chars: 10000\n"
+    with pytest.raises(
+        SpecError, match=r"quality \(line 4\): max_record_chars \(10,000\) is less than .*12,000"
+    ):
+        load_spec(write_yaml(project / "pipelines", "triage", text))
+
+
 def test_format_gate_without_regex_is_rejected(project):
     text = MINIMAL + "evaluation:\n  gate:\n    metric: format_match\n"
     with pytest.raises(SpecError, match=r"format_match.*needs evaluation\.format_regex"):
