@@ -34,7 +34,7 @@ WORKER = ["-m", "loraflow.worker"]
 CONTAINER = "loraflow-worker"
 STORE_VOLUME = "artifact-store"
 TERMINATION_LOG = "/dev/termination-log"
-RUN_WATCH_SECONDS = 5.0
+RUN_WATCH_SECONDS = 2.0
 """How often a training step looks whether its run is still going (see ends_with_its_run)."""
 
 
