@@ -1,6 +1,7 @@
 """`published_model`: the adapter merged into a full-precision base, with a model card and lineage,
 and the GGUF exports (llama.cpp, Ollama) the pipeline asks for, each checked against the merge."""
 
+import json
 import subprocess
 from dataclasses import asdict
 from functools import partial
@@ -21,9 +22,10 @@ from dagster import (
 from assets.automation import conditions
 from assets.keys import asset_key
 from assets.training import GPU_POOL
+from loraflow.adapters import adapter_method
 from loraflow.base_model import BUILTIN_HUB_IDS, BUILTIN_LICENSES, load_tokenizer
 from loraflow.dataset import load_split
-from loraflow.export import ExportError, export_gguf, require_fidelity
+from loraflow.export import ExportError, check_mergeable, export_gguf, require_fidelity
 from loraflow.formatting import render
 from loraflow.manifests import (
     AdapterManifest,
@@ -41,8 +43,9 @@ from loraflow.merge import (
     publish_version,
     write_published,
 )
-from loraflow.model_card import human_size, render_model_card
+from loraflow.model_card import human_size, render_model_card, training_history
 from loraflow.spec import PipelineSpec
+from loraflow.train import TRAINING_RECORD
 from loraflow.validate import source_lineage
 from resources import ArtifactStore, HubPublisher, Warehouse
 
@@ -83,7 +86,8 @@ def build_published_model(spec: PipelineSpec):
         code_version=spec.section_version("publish"),
         automation_condition=conditions(spec)["published_model"],
         description=f"The adapter merged into the base in {spec.publish.dtype} (auto: the base checkpoint's dtype), saved as safetensors with the "
-        f"tokenizer, chat template, the adapter on its own and a model card, under `models/{spec.name}/<version>`"
+        f"tokenizer, chat template, the adapter on its own and a model card, under `models/{spec.name}/<version>` "
+        "(a prefix-tuning adapter, which cannot be merged, is published alone with a record naming its base)"
         + (
             f", with GGUF files ({', '.join(spec.publish.gguf_types)}) and an Ollama Modelfile."
             if exporting_gguf
@@ -124,6 +128,17 @@ def build_published_model(spec: PipelineSpec):
         store: ArtifactStore,
         warehouse: Warehouse,
     ):
+        method = adapter_method(Path(adapter.path))
+        try:
+            if exporting_gguf:  # before any model loads: a GGUF holds merged weights
+                check_mergeable(method)
+        except ExportError as err:
+            yield AssetCheckResult(
+                check_name="export_fidelity", passed=False, description=f"publish.exports: {err}"
+            )
+            raise Failure(
+                description=f"pipeline {spec.name!r}: publish.exports: {err}; nothing was published"
+            ) from None
         with warehouse.connect() as con:
             sources = source_lineage(con, spec.name)
         license_name = spec.publish.license or BUILTIN_LICENSES.get(base_model.source, "other")
@@ -143,6 +158,14 @@ def build_published_model(spec: PipelineSpec):
             code_version=code_version_of(spec.root),
             eval_table=evaluation.table,
             project_root=spec.root,
+            adapter_method=method,
+            base_model_revision=spec.base_model.revision,
+            history=training_history(
+                {
+                    **json.loads((Path(adapter.path) / TRAINING_RECORD).read_text(encoding="utf-8")),
+                    "adapter_version": adapter.version,
+                }
+            ),
         )
         dtype = publish_dtype(spec.publish.dtype, Path(base_model.path))
         version = publish_version(
@@ -197,6 +220,8 @@ def build_published_model(spec: PipelineSpec):
                     "pipeline": spec.name,
                     "adapter_version": adapter.version,
                     "base_model": base_model.source,
+                    "base_model_hub_id": BUILTIN_HUB_IDS.get(base_model.source),
+                    "base_model_revision": spec.base_model.revision,
                     "base_model_hash": base_model.content_hash,
                     "dataset_version": training_dataset.version,
                     "metrics": evaluation.tuned,
@@ -234,6 +259,8 @@ def build_published_model(spec: PipelineSpec):
                 "path": MetadataValue.path(result.path),
                 "version": version,
                 "dtype": dtype,
+                "adapter_method": method,
+                "merged": merged.merged,
                 "merge_max_abs_diff": result.merge_max_abs_diff,
                 "reload_max_abs_diff": result.reload_max_abs_diff,
                 "model_card": MetadataValue.md((Path(result.path) / "README.md").read_text(encoding="utf-8")),

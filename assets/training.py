@@ -1,16 +1,34 @@
-"""`adapter`: LoRA/QLoRA training, bound to the "gpu" pool so one trains at a time."""
+"""`adapter`: LoRA/QLoRA training (SFT, DPO or ORPO), bound to the "gpu" pool so one trains at a time.
 
-from dagster import AssetExecutionContext, AssetIn, DataVersion, MetadataValue, Output, asset
+With `training.start_from`, the adapter also depends on the other pipeline's adapter: its latest
+materialization is where the training starts, its version is part of this adapter's version, and
+its own lineage is copied into this adapter's training record (and so into the model card).
+"""
+
+import json
+from pathlib import Path
+
+from dagster import (
+    AssetExecutionContext,
+    AssetIn,
+    AssetKey,
+    DataVersion,
+    Failure,
+    MetadataValue,
+    Output,
+    asset,
+)
 
 from assets.automation import conditions
 from assets.keys import asset_key
 from loraflow.artifacts import folder_sha256
+from loraflow.hashing import content_hash
 from loraflow.manifests import AdapterManifest, BaseModelManifest, DatasetManifest
 from loraflow.plan.memory import GIB
 from loraflow.request import check_request_fits, plan_request
 from loraflow.spec import PipelineSpec
 from loraflow.tracking import Tracking
-from loraflow.train import LOSS_CURVE, adapter_version
+from loraflow.train import LOSS_CURVE, TRAINING_RECORD, adapter_version
 from resources import ArtifactStore, Trainer, TrainRequest
 
 GPU_POOL = "gpu"
@@ -45,7 +63,45 @@ def plan_metadata(estimate) -> dict:
     return {**estimate.metadata(), "memory_plan": MetadataValue.md(estimate.table("GiB"))}
 
 
+def start_adapter(context: AssetExecutionContext, key: AssetKey, base_model_hash: str) -> dict:
+    """The adapter another pipeline published last (`training.start_from`): its folder, version and
+    lineage, checked to be trained on the same base model."""
+    event = context.instance.get_latest_materialization_event(key)
+    if event is None or event.asset_materialization is None:
+        raise Failure(
+            f"training.start_from: {key.to_user_string()} has never been materialized; materialize that "
+            "pipeline's adapter first (or the whole pipeline)"
+        )
+    metadata = event.asset_materialization.metadata
+    folder = Path(metadata["path"].value)
+    record_file = folder / TRAINING_RECORD
+    if not record_file.is_file():
+        raise Failure(
+            f"training.start_from: {key.to_user_string()}'s adapter folder {folder} is gone; re-materialize it"
+        )
+    record = json.loads(record_file.read_text(encoding="utf-8"))
+    if record.get("base_model_hash") != base_model_hash:
+        raise Failure(
+            f"training.start_from: {key.to_user_string()} was trained on base model {record.get('base_model')} "
+            f"({str(record.get('base_model_hash'))[:12]}), this pipeline's base is another "
+            f"({base_model_hash[:12]}); an adapter only fits the base it was trained on. Give both pipelines "
+            "the same base_model"
+        )
+    return {
+        "pipeline": key.path[0],
+        "adapter_version": metadata["version"].value,
+        "weights_sha256": metadata["weights_sha256"].value,
+        "path": str(folder),
+        "objective": record.get("training", {}).get("objective", "sft"),
+        "adapter": record.get("training", {}).get("adapter", "lora"),
+        "dataset_version": record.get("dataset_version"),
+        "start_from": record.get("start_from"),
+    }
+
+
 def build_adapter(spec: PipelineSpec):
+    start_key = asset_key(spec.training.start_from, "adapter") if spec.training.start_from else None
+
     @asset(
         key=asset_key(spec, "adapter"),
         group_name=spec.name,
@@ -55,10 +111,10 @@ def build_adapter(spec: PipelineSpec):
             "training_dataset": AssetIn(asset_key(spec, "training_dataset")),
             "base_model": AssetIn(asset_key(spec, "base_model")),
         },
+        deps=[start_key] if start_key else [],
         code_version=spec.training_version(),
         automation_condition=conditions(spec)["adapter"],
-        description=f"A {spec.training.method.upper()} adapter (r={spec.training.lora.r}) trained on the "
-        "training split; safetensors in the artifact store.",
+        description=describe_adapter(spec),
     )
     def adapter(
         context: AssetExecutionContext,
@@ -71,6 +127,12 @@ def build_adapter(spec: PipelineSpec):
         version = adapter_version(
             spec.training, training_dataset.version, base_model.content_hash, pack_to, trainer.device_kind
         )
+        start = start_adapter(context, start_key, base_model.content_hash) if start_key else None
+        if start is not None:
+            version = content_hash([version, start["weights_sha256"]])
+            context.log.info(
+                f"starting from {start['pipeline']}'s adapter {start['adapter_version']} ({start['objective']})"
+            )
         adapter_dir = store.path("adapters", spec.name, version)
         tracking = Tracking(
             backend=spec.tracking,
@@ -95,7 +157,9 @@ def build_adapter(spec: PipelineSpec):
                 "pipeline": spec.name,
                 "base_model": base_model.source,
                 "base_model_hash": base_model.content_hash,
+                **({"start_from": {k: v for k, v in start.items() if k != "path"}} if start else {}),
             },
+            start_adapter_dir=start["path"] if start else None,
             kubernetes=spec.kubernetes,
             plan=spec.plan,
             tracking=tracking,
@@ -131,6 +195,14 @@ def build_adapter(spec: PipelineSpec):
                 **{k: v for k, v in manifest.metadata().items() if k != "final_loss"},
                 "path": MetadataValue.path(manifest.path),
                 "method": spec.training.method,
+                "objective": spec.training.objective,
+                "adapter_method": spec.training.adapter if start is None else start["adapter"],
+                **({"started_from": f"{start['pipeline']} {start['adapter_version']}"} if start else {}),
+                **(
+                    {"reward_accuracy": result.reward_accuracy, "reward_margin": result.reward_margin}
+                    if result.reward_accuracy is not None
+                    else {}
+                ),
                 "final_train_loss": result.final_loss,
                 "tokens_per_second": result.tokens_per_second,
                 "tokens_seen": result.tokens_seen,
@@ -155,3 +227,22 @@ def build_adapter(spec: PipelineSpec):
         )
 
     return adapter
+
+
+def describe_adapter(spec: PipelineSpec) -> str:
+    """The adapter asset's description in the UI."""
+    training = spec.training
+    shape = {
+        "lora": f"LoRA (r={training.lora.r})",
+        "adalora": f"AdaLoRA (rank {training.adalora.init_r} -> {training.adalora.target_r})",
+        "ia3": "IA3",
+        "prefix": f"prefix ({training.prefix.num_virtual_tokens} virtual tokens)",
+    }[training.adapter]
+    what = {
+        "sft": "on the training split",
+        "dpo": "with DPO on the preference pairs",
+        "orpo": "with ORPO on the preference pairs",
+    }
+    base = "a 4-bit base (QLoRA)" if training.method == "qlora" else "the base"
+    start = f", starting from {training.start_from}'s adapter" if training.start_from else ""
+    return f"A {shape if not training.start_from else 'continued'} adapter on {base}, trained {what[training.objective]}{start}; safetensors in the artifact store."

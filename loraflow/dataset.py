@@ -6,6 +6,12 @@ that already exists in the store is reused as is, with no retokenizing.
 
 A dataset folder holds `train.parquet`, `eval.parquet`, `chat_template.jinja` (the template every
 later stage renders with) and `summary.json` (counts and token statistics).
+
+A preference pair is stored as one row: `messages`, `input_ids` and `labels` are the prompt with
+the chosen continuation (so SFT and the generation metrics read it like any conversation), and
+`rejected`, `rejected_input_ids` and `rejected_labels` the prompt with the rejected one. Both
+sequences must fit `format.max_seq_len`: `overlong` drops the pair, truncates both (the prompt
+kept, a pair left without a trained token on either side dropped), or stops the run.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from loraflow.formatting import (
     TokenizedExample,
     tokenize_completion,
     tokenize_conversations,
+    tokenize_pairs,
     with_system_prompt,
 )
 from loraflow.hashing import content_hash
@@ -41,7 +48,7 @@ SPLITS = ("train", "eval")
 TOKENIZE_BATCH = 1000
 TEMPLATE_FILE = "chat_template.jinja"
 SUMMARY_FILE = "summary.json"
-LAYOUT = "2"
+LAYOUT = "3"
 """Bumped whenever the stored layout changes, so a dataset written by older code is never reused."""
 # settings that shape training batches but not the stored tokens: changing them reuses the dataset
 _BATCHING_ONLY = {"packing"}
@@ -82,7 +89,17 @@ def select_examples(con: duckdb.DuckDBPyConnection, pipeline: str) -> tuple[list
     lowest record index) is kept, whatever order the partitions were ingested in.
     """
     ensure_tables(con, pipeline)
-    columns = ("partition", "source_file", "record_index", "sub_index", "messages", "text", "example_hash")
+    columns = (
+        "partition",
+        "source_file",
+        "record_index",
+        "sub_index",
+        "messages",
+        "text",
+        "example_hash",
+        "rejected",
+        "prompt_turns",
+    )
     rows = con.execute(
         f'SELECT {", ".join(columns)} FROM "{pipeline}".{EXAMPLES_VIEW} ORDER BY example_hash'
     ).fetchall()
@@ -133,6 +150,8 @@ class DatasetSummary:
     mean_tokens: float = 0.0
     packing_efficiency: float = 0.0
     """Real tokens over row tokens if the train split were packed into rows of max_seq_len."""
+    preference_pairs: int = 0
+    """Examples that are chosen/rejected pairs (each one row of two sequences)."""
     reused: bool = False
 
     def to_json(self) -> dict:
@@ -172,10 +191,11 @@ def _build(rows, splits, tokenizer, fmt, chat_template, template_source, version
     counts = {"truncated": 0, "dropped_too_long": 0, "dropped_untrainable_after_truncation": 0}
     for start in range(0, len(rows), TOKENIZE_BATCH):
         chunk = rows[start : start + TOKENIZE_BATCH]
+        pairs = _pairs_of(chunk, tokenizer, fmt)
         conversations = {
             i: with_system_prompt(json.loads(row["messages"]), fmt.system_prompt)
             for i, row in enumerate(chunk)
-            if row["messages"] is not None
+            if row["messages"] is not None and i not in pairs
         }
         tokenized = (
             dict(
@@ -191,19 +211,28 @@ def _build(rows, splits, tokenizer, fmt, chat_template, template_source, version
             else {}
         )
         for i, row in enumerate(chunk):
-            example = tokenized[i] if i in tokenized else tokenize_completion(tokenizer, row["text"])
-            messages = conversations.get(i)
-            end_trained = _end_trained(example, messages, fmt, eot_id, tokenizer.eos_token_id)
+            pair = pairs.get(i)
+            if pair is not None:
+                messages, chosen_turns, rejected_turns, tokens = pair
+                example, other = tokens.chosen, tokens.rejected
+                end_trained = all(
+                    _end_trained(seq, turns, fmt, eot_id, tokenizer.eos_token_id)
+                    for seq, turns in ((example, chosen_turns), (other, rejected_turns))
+                )
+            else:
+                example = tokenized[i] if i in tokenized else tokenize_completion(tokenizer, row["text"])
+                messages, rejected_turns, other = conversations.get(i), None, None
+                end_trained = _end_trained(example, messages, fmt, eot_id, tokenizer.eos_token_id)
             truncated = False
-            if len(example.input_ids) > fmt.max_seq_len:
-                too_long.append({**row, "num_tokens": len(example.input_ids)})
+            longest = max(len(example.input_ids), len(other.input_ids) if other else 0)
+            if longest > fmt.max_seq_len:
+                too_long.append({**row, "num_tokens": longest})
                 if fmt.overlong in ("drop", "error"):
                     counts["dropped_too_long"] += 1
                     continue
-                example = TokenizedExample(
-                    input_ids=example.input_ids[: fmt.max_seq_len], labels=example.labels[: fmt.max_seq_len]
-                )
-                if example.trainable_tokens == 0:
+                example = _cut(example, fmt.max_seq_len)
+                other = _cut(other, fmt.max_seq_len) if other else None
+                if example.trainable_tokens == 0 or (other is not None and other.trainable_tokens == 0):
                     counts["dropped_untrainable_after_truncation"] += 1
                     continue
                 counts["truncated"] += 1
@@ -218,10 +247,16 @@ def _build(rows, splits, tokenizer, fmt, chat_template, template_source, version
                     "text": row["text"],
                     "input_ids": example.input_ids,
                     "labels": example.labels,
-                    "num_tokens": len(example.input_ids),
-                    "trainable_tokens": example.trainable_tokens,
+                    # a pair's length is its longer sequence: what max_seq_len and a batch's width are about
+                    "num_tokens": max(len(example.input_ids), len(other.input_ids) if other else 0),
+                    "trainable_tokens": example.trainable_tokens + (other.trainable_tokens if other else 0),
                     "truncated": truncated,
                     "end_trained": end_trained and not truncated,
+                    "rejected": json.dumps(rejected_turns, ensure_ascii=False) if other else None,
+                    "rejected_input_ids": other.input_ids if other else None,
+                    "rejected_labels": other.labels if other else None,
+                    "prompt_tokens": pair[3].prompt_tokens if pair is not None else None,
+                    "prompt_turns": len(messages) - len(pair[1]) if pair is not None else None,
                 }
             )
         done = start + len(chunk)
@@ -256,6 +291,7 @@ def _build(rows, splits, tokenizer, fmt, chat_template, template_source, version
         token_percentiles={f"p{q}": percentile(lengths, q) for q in (50, 90, 95, 99, 100)},
         mean_tokens=round(sum(lengths) / len(lengths), 1) if lengths else 0.0,
         packing_efficiency=round(planned_efficiency([r["num_tokens"] for r in train], fmt.max_seq_len), 4),
+        preference_pairs=sum(r["rejected_input_ids"] is not None for r in kept),
         **counts,
     )
     with atomic_dir(target) as tmp:
@@ -272,6 +308,37 @@ def _build(rows, splits, tokenizer, fmt, chat_template, template_source, version
         time.perf_counter() - started,
     )
     return summary
+
+
+def _pairs_of(chunk: list[dict], tokenizer, fmt: FormatSpec) -> dict[int, tuple]:
+    """The preference rows of a chunk, tokenized in one batch: index -> (prompt + chosen messages,
+    chosen continuation, rejected continuation, TokenizedPair)."""
+    found = {}
+    for i, row in enumerate(chunk):
+        if row.get("rejected") is None:
+            continue
+        messages = json.loads(row["messages"])
+        turns = row["prompt_turns"]
+        prompt = with_system_prompt(messages[:turns], fmt.system_prompt)
+        found[i] = (prompt, messages[turns:], json.loads(row["rejected"]))
+    if not found:
+        return {}
+    tokens = tokenize_pairs(
+        tokenizer,
+        [p for p, _, _ in found.values()],
+        [c for _, c, _ in found.values()],
+        [r for _, _, r in found.values()],
+        fmt.train_turns,
+        fmt.train_on_inputs,
+    )
+    return {
+        i: (prompt + chosen, chosen, rejected, pair)
+        for (i, (prompt, chosen, rejected)), pair in zip(found.items(), tokens, strict=True)
+    }
+
+
+def _cut(example: TokenizedExample, length: int) -> TokenizedExample:
+    return TokenizedExample(input_ids=example.input_ids[:length], labels=example.labels[:length])
 
 
 def _end_trained(
@@ -301,6 +368,11 @@ _SCHEMA = pa.schema(
         ("trainable_tokens", pa.int32()),
         ("truncated", pa.bool_()),
         ("end_trained", pa.bool_()),
+        ("rejected", pa.string()),
+        ("rejected_input_ids", pa.list_(pa.int32())),
+        ("rejected_labels", pa.list_(pa.int32())),
+        ("prompt_tokens", pa.int32()),
+        ("prompt_turns", pa.int32()),
     ]
 )
 
@@ -313,8 +385,15 @@ def load_split(dataset_dir: Path, split: str) -> list[dict]:
     """One split of a stored dataset as a list of dicts (messages parsed back into lists)."""
     rows = pq.read_table(Path(dataset_dir) / f"{split}.parquet").to_pylist()
     for row in rows:
-        row["messages"] = json.loads(row["messages"]) if row["messages"] is not None else None
+        for key in ("messages", "rejected"):
+            row[key] = json.loads(row[key]) if row[key] is not None else None
     return rows
+
+
+def is_preference(dataset_dir: Path) -> bool:
+    """Whether a stored dataset holds preference pairs (what dpo and orpo train on)."""
+    summary = json.loads((Path(dataset_dir) / SUMMARY_FILE).read_text())
+    return summary.get("preference_pairs", 0) > 0
 
 
 def stored_template(dataset_dir: Path) -> str:
@@ -339,15 +418,43 @@ def template_round_trip(tokenizer, dataset_dir: Path, fmt: FormatSpec, sample: i
     if not rows:
         return []
     with using_template(tokenizer, stored_template(dataset_dir)):
-        again = tokenize_conversations(
-            tokenizer, [r["messages"] for r in rows], fmt.train_turns, fmt.train_on_inputs
+        pairs = [r for r in rows if r["rejected"] is not None]
+        chats = [r for r in rows if r["rejected"] is None]
+        again = dict(
+            zip(
+                (r["example_hash"] for r in chats),
+                tokenize_conversations(
+                    tokenizer, [r["messages"] for r in chats], fmt.train_turns, fmt.train_on_inputs
+                ),
+                strict=True,
+            )
         )
-    return [
-        row["example_hash"]
-        for row, example in zip(rows, again, strict=True)
-        if example.input_ids[: row["num_tokens"]] != row["input_ids"]
-        or example.labels[: row["num_tokens"]] != row["labels"]
-    ]
+        again_pairs = tokenize_pairs(
+            tokenizer,
+            [r["messages"][: r["prompt_turns"]] for r in pairs],
+            [r["messages"][r["prompt_turns"] :] for r in pairs],
+            [r["rejected"] for r in pairs],
+            fmt.train_turns,
+            fmt.train_on_inputs,
+        )
+    differ = []
+    for row in chats:
+        example = again[row["example_hash"]]
+        if (
+            example.input_ids[: row["num_tokens"]] != row["input_ids"]
+            or example.labels[: row["num_tokens"]] != row["labels"]
+        ):
+            differ.append(row["example_hash"])
+    for row, pair in zip(pairs, again_pairs, strict=True):
+        width = len(row["input_ids"]), len(row["rejected_input_ids"])
+        if (
+            pair.chosen.input_ids[: width[0]] != row["input_ids"]
+            or pair.chosen.labels[: width[0]] != row["labels"]
+            or pair.rejected.input_ids[: width[1]] != row["rejected_input_ids"]
+            or pair.rejected.labels[: width[1]] != row["rejected_labels"]
+        ):
+            differ.append(row["example_hash"])
+    return differ
 
 
 def sample_view(tokenizer, row: dict, mark: tuple[str, str] = ("[[", "]]")) -> str:

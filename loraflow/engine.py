@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
-from trl import SFTTrainer
+from trl import DPOTrainer, SFTTrainer
 
 from loraflow.artifacts import write_json_atomic
 from loraflow.formatting import IGNORE_INDEX, collate
@@ -82,6 +82,26 @@ def make_collator(
     return partial(collate_rows, pad_id=pad_id, flat=attention == "flash_attention_2", mask_dtype=additive)
 
 
+def collate_pairs(rows: list[dict], pad_id: int, layout: str = "dpo") -> dict[str, torch.Tensor]:
+    """A batch of preference pairs, right-padded, with the step's counts. `dpo`: TRL's DPO layout,
+    the chosen sequences then the rejected ones in one `input_ids`, with a `completion_mask` that is
+    loraflow's labels (so the format's loss mask decides which tokens' log-probabilities count).
+    `orpo`: TRL's ORPO layout, `chosen_*` and `rejected_*` tensors with loraflow's labels."""
+    chosen = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+    rejected = [{"input_ids": r["rejected_input_ids"], "labels": r["rejected_labels"]} for r in rows]
+    if layout == "dpo":
+        batch = collate(chosen + rejected, pad_id)
+        batch["completion_mask"] = (batch.pop("labels") != IGNORE_INDEX).long()
+    else:
+        good, bad = collate(chosen, pad_id), collate(rejected, pad_id)
+        batch = {f"chosen_{k}": v for k, v in good.items()} | {f"rejected_{k}": v for k, v in bad.items()}
+    batch["_real_tokens"] = torch.tensor(
+        sum(len(r["input_ids"]) + len(r["rejected_input_ids"]) for r in rows)
+    )
+    batch["_examples"] = torch.tensor(len(rows))
+    return batch
+
+
 def targets_of(rows, packed: bool) -> int:
     """How many tokens of these rows are next-token targets (trained labels after the shift)."""
     labels = (row.labels if packed else row["labels"] for row in rows)
@@ -127,8 +147,10 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 # the trainer
 
 
-class LoraflowTrainer(SFTTrainer):
-    """SFTTrainer with loraflow's loss, eval loss and step figures (see the module docstring)."""
+class LoraflowSteps:
+    """What every loraflow trainer adds to its TRL trainer, whatever the objective: the schedule,
+    LoRA+, the adapter's regularization term, the exact per-step figures, checkpoint markers and
+    the `progress` callback. Mixed in before the TRL class (`class X(LoraflowSteps, SFTTrainer)`)."""
 
     def __init__(
         self,
@@ -141,9 +163,12 @@ class LoraflowTrainer(SFTTrainer):
         loraplus_ratio: float | None = None,
         fused_head: bool = False,
         fingerprint: str = "",
+        regularization: Callable[[torch.nn.Module], torch.Tensor | None] | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.regularization = regularization
+        """An adapter's own loss term (AdaLoRA's orthogonality penalty), added to every micro-batch's loss."""
         self.fingerprint = fingerprint
         self.run_id: str | None = None
         """The tracking run, once it is open; kept in checkpoints so a resumed training continues it."""
@@ -155,6 +180,8 @@ class LoraflowTrainer(SFTTrainer):
         self.fused_head = fused_head
         self.loss_curve: list[tuple[int, float]] = [tuple(p) for p in (resumed or {}).get("loss_curve", [])]
         self.eval_curve: list[tuple[int, float]] = [tuple(p) for p in (resumed or {}).get("eval_curve", [])]
+        self.reward_curve: list[tuple] = [tuple(p) for p in (resumed or {}).get("reward_curve", [])]
+        """Preference trainings: (step, reward accuracy, reward margin) of each step."""
         self.tokens_seen = int((resumed or {}).get("tokens_seen", 0))
         self.examples_seen = int((resumed or {}).get("examples_seen", 0))
         self.last_checkpoint: int | None = (resumed or {}).get("step")
@@ -204,20 +231,21 @@ class LoraflowTrainer(SFTTrainer):
 
     # -- the loss ------------------------------------------------------------------------------
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        counts = [inputs.pop(key) for key in FIGURES]
-        if self.fused_head or return_outputs or num_items_in_batch is None:
-            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            scale = self._rank_scale() if num_items_in_batch is not None else 1.0
-            partial_loss = (loss[0] if isinstance(loss, tuple) else loss).detach() / scale
-        else:
-            partial_loss = token_loss_sum(model, inputs) / num_items_in_batch
-            # DDP averages gradients over ranks while num_items_in_batch counts every rank's targets
-            loss = partial_loss * self._rank_scale()
-            partial_loss = partial_loss.detach()
-        if model.training:
-            self._step += torch.stack([partial_loss.double().cpu(), *(c.double().cpu() for c in counts)])
-        return loss
+    def _regularized(self, model, loss):
+        """The loss plus the adapter's regularization term, spread over the step's micro-batches."""
+        if self.regularization is None or not model.training:
+            return loss
+        term = self.regularization(model)
+        if term is None:
+            return loss
+        term = term / self.args.gradient_accumulation_steps
+        if isinstance(loss, tuple):
+            return (loss[0] + term, *loss[1:])
+        return loss + term
+
+    def _count(self, partial_loss: torch.Tensor, counts: list[torch.Tensor]) -> None:
+        """Add one micro-batch's share of the step's loss and its token and example counts."""
+        self._step += torch.stack([partial_loss.double().cpu(), *(c.double().cpu() for c in counts)])
 
     def _rank_scale(self) -> float:
         if self.args.average_tokens_across_devices:
@@ -236,14 +264,11 @@ class LoraflowTrainer(SFTTrainer):
         model.eval()
         total = count = 0.0
         size = self.args.per_device_eval_batch_size
-        pad = self.processing_class.pad_token_id
         with torch.no_grad():
             for start in range(0, len(self.eval_rows), size):
-                chunk = self.eval_rows[start : start + size]
-                batch = self._prepare_inputs(collate(chunk, pad))
-                with self.compute_loss_context_manager():
-                    total += float(token_loss_sum(model, batch))
-                count += targets_of(chunk, packed=False)
+                chunk_total, chunk_count = self._eval_sums(model, self.eval_rows[start : start + size])
+                total += chunk_total
+                count += chunk_count
         model.train(was_training)
         value = total / max(1.0, count)
         step = self.state.global_step
@@ -255,6 +280,13 @@ class LoraflowTrainer(SFTTrainer):
         if self._pending is not None and self._pending["emit"] == "eval":
             self._emit()
         return metrics
+
+    def _eval_sums(self, model, chunk: list[dict]) -> tuple[float, float]:
+        """(summed loss, count) of a chunk of eval rows: here over trained tokens."""
+        batch = self._prepare_inputs(collate(chunk, self.processing_class.pad_token_id))
+        with self.compute_loss_context_manager():
+            total = float(token_loss_sum(model, batch))
+        return total, targets_of(chunk, packed=False)
 
     # -- the step's figures --------------------------------------------------------------------
 
@@ -294,9 +326,14 @@ class LoraflowTrainer(SFTTrainer):
             "loss": loss,
             "learning_rate": logs.get("learning_rate"),
             "grad_norm": logs.get("grad_norm"),
+            **self._step_extras(logs),
         }
         if emit == "now":
             self._emit()
+
+    def _step_extras(self, logs: dict) -> dict:
+        """Figures of the step that only some objectives have (preference trainings' rewards)."""
+        return {}
 
     def _emit(self) -> None:
         """The progress line and callback of the step that just closed (after its eval and checkpoint)."""
@@ -307,8 +344,13 @@ class LoraflowTrainer(SFTTrainer):
         if self.is_world_process_zero() and (step % self.log_every == 0 or step == total):
             rate = self._window_tokens / max(now - self._window_start, 1e-9)
             eta = (now - self._started) / max(1, step - self._first_step) * (total - step)
+            rewards = (
+                f" | reward accuracy {figures['reward_accuracy']:.2f} | margin {figures['reward_margin']:+.4f}"
+                if "reward_accuracy" in figures
+                else ""
+            )
             log.info(
-                "step %d/%d | loss %.4f | lr %.2e | grad norm %.3f | %.0f tokens/s | ETA %s%s",
+                "step %d/%d | loss %.4f | lr %.2e | grad norm %.3f | %.0f tokens/s | ETA %s%s%s",
                 step,
                 total,
                 figures["loss"],
@@ -316,6 +358,7 @@ class LoraflowTrainer(SFTTrainer):
                 figures["grad_norm"] or 0.0,
                 rate,
                 duration(eta),
+                rewards,
                 f" | held-out loss {eval_loss:.4f}" if eval_loss is not None else "",
             )
             self._window_start, self._window_tokens = now, 0
@@ -331,8 +374,148 @@ class LoraflowTrainer(SFTTrainer):
                     "tokens_per_second": (self.tokens_seen - self._tokens_at_start)
                     / max(now - self._started, 1e-9),
                     "training_eval_loss": eval_loss,
+                    **{key: figures[key] for key in ("reward_accuracy", "reward_margin") if key in figures},
                 }
             )
+
+
+class LoraflowTrainer(LoraflowSteps, SFTTrainer):
+    """SFTTrainer with loraflow's loss, eval loss and step figures (see the module docstring)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        counts = [inputs.pop(key) for key in FIGURES]
+        if self.fused_head or return_outputs or num_items_in_batch is None:
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            scale = self._rank_scale() if num_items_in_batch is not None else 1.0
+            partial_loss = (loss[0] if isinstance(loss, tuple) else loss).detach() / scale
+        else:
+            partial_loss = token_loss_sum(model, inputs) / num_items_in_batch
+            # DDP averages gradients over ranks while num_items_in_batch counts every rank's targets
+            loss = partial_loss * self._rank_scale()
+            partial_loss = partial_loss.detach()
+        if model.training:
+            self._count(partial_loss, counts)
+        return self._regularized(model, loss)
+
+
+class _PairSteps(LoraflowSteps):
+    """What the DPO and ORPO trainers share: loraflow's pre-tokenized pairs go in as they are, the
+    step's loss is the mean over its pairs, and the step's reward accuracy and margin (TRL's
+    figures, from its own loss computation) join the step's figures."""
+
+    pair_layout = "dpo"
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        counts = [inputs.pop(key) for key in FIGURES]
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if model.training:
+            # a micro-batch's mean over its pairs; the step's is the mean over micro-batches and ranks
+            share = self.args.gradient_accumulation_steps * self.accelerator.num_processes
+            self._count((loss[0] if isinstance(loss, tuple) else loss).detach() / share, counts)
+        return self._regularized(model, loss)
+
+    def _eval_sums(self, model, chunk: list[dict]) -> tuple[float, float]:
+        """(summed pair loss, pairs) of a chunk of eval pairs."""
+        batch = collate_pairs(chunk, self.processing_class.pad_token_id, self.pair_layout)
+        for key in FIGURES:
+            batch.pop(key)
+        batch = self._prepare_inputs(batch)
+        with self.compute_loss_context_manager():
+            loss = super(LoraflowSteps, self).compute_loss(model, batch)
+        self._reward_figures("eval")  # the eval pairs' figures are not the training step's
+        return float(loss) * len(chunk), float(len(chunk))
+
+    def _reward_figures(self, mode: str) -> dict[str, float]:
+        """The reward accuracy and margin TRL measured since they were last read (and forgets them)."""
+        raise NotImplementedError
+
+    def _step_extras(self, logs: dict) -> dict:
+        figures = self._reward_figures("train")
+        self.reward_curve.append((self.state.global_step, *(round(figures[k], 6) for k in REWARDS)))
+        return figures
+
+
+REWARDS = ("reward_accuracy", "reward_margin")
+"""A preference training's own figures per step: the share of the step's pairs whose chosen answer
+gained more log-probability over the reference than the rejected one (DPO), or that the model
+finds more likely than the rejected one (ORPO); and the mean margin, scaled by beta."""
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else math.nan
+
+
+class LoraflowDPOTrainer(_PairSteps, DPOTrainer):
+    """TRL's DPOTrainer on loraflow's tokenized pairs and collator, with loraflow's step figures.
+    The reference is the model with the adapter disabled (the base), or, when the training starts
+    from another adapter, TRL's frozen copy of that adapter."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """loraflow's rows are tokenized already, with its template and masks: TRL's own tokenizing
+        (which would re-render and mask every completion token) is skipped."""
+        return dataset
+
+    def _reward_figures(self, mode: str) -> dict[str, float]:
+        metrics = self._metrics[mode]
+        figures = {
+            "reward_accuracy": _mean(metrics.get("rewards/accuracies", [])),
+            "reward_margin": _mean(metrics.get("rewards/margins", [])),
+        }
+        if mode == "eval":
+            metrics.clear()
+        return figures
+
+
+def _orpo_trainer():
+    """TRL's ORPOTrainer (in trl.experimental) subclassed with loraflow's parts, imported on first use."""
+    import torch.nn.functional as F
+    from trl.experimental.orpo import ORPOTrainer
+
+    class LoraflowORPOTrainer(_PairSteps, ORPOTrainer):
+        """TRL's ORPOTrainer on loraflow's tokenized pairs, with loraflow's step figures. Its
+        chosen-answer loss covers the tokens loraflow's labels train (TRL's counts the prompt too)."""
+
+        pair_layout = "orpo"
+
+        def tokenize_row(self, feature, model=None) -> dict:
+            """loraflow's rows are tokenized already: kept as they are."""
+            return feature
+
+        def concatenated_forward(self, model, batch):
+            outputs = super().concatenated_forward(model, batch)
+            chosen_logits = outputs[2]  # already shifted: position t predicts token t + 1
+            labels = batch["chosen_labels"][:, 1:]
+            width = chosen_logits.shape[1]
+            labels = F.pad(labels, (0, width - labels.shape[1]), value=IGNORE_INDEX)[:, :width]
+            nll = F.cross_entropy(
+                chosen_logits.reshape(-1, chosen_logits.shape[-1]).float(),
+                labels.reshape(-1).to(chosen_logits.device),
+                ignore_index=IGNORE_INDEX,
+            )
+            return (*outputs[:4], nll, *outputs[5:])
+
+        def _reward_figures(self, mode: str) -> dict[str, float]:
+            prefix = "eval_" if mode == "eval" else ""
+            stored = self._stored_metrics[mode]
+            figures = {
+                "reward_accuracy": _mean(stored.get(f"{prefix}rewards/accuracies", [])),
+                "reward_margin": _mean(stored.get(f"{prefix}rewards/margins", [])),
+            }
+            if mode == "eval":
+                stored.clear()
+            return figures
+
+    return LoraflowORPOTrainer
+
+
+def trainer_class(objective: str):
+    """The trainer for `training.objective`."""
+    if objective == "dpo":
+        return LoraflowDPOTrainer
+    if objective == "orpo":
+        return _orpo_trainer()
+    return LoraflowTrainer
 
 
 class StepFlow(TrainerCallback):
@@ -379,6 +562,7 @@ def checkpoint_figures(trainer: LoraflowTrainer) -> dict:
         "step": trainer.state.global_step,
         "loss_curve": trainer.loss_curve,
         "eval_curve": trainer.eval_curve,
+        "reward_curve": trainer.reward_curve,
         "tokens_seen": trainer.tokens_seen,
         "examples_seen": trainer.examples_seen,
     }

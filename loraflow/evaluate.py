@@ -8,7 +8,13 @@ Every model is scored on the same examples with the same code:
   pipeline's format check (a regex, or a JSON schema the parsed answer must satisfy);
 - the forgetting probe: on general prompts outside the task, the base model answers greedily, and
   both models' loss on those answers is compared. Their ratio (tuned over base) says how far the
-  tuned model drifted from what the base would say; 1.0 is no drift.
+  tuned model drifted from what the base would say; 1.0 is no drift;
+- on preference pairs, each model's margin: the summed log-probability of the chosen answer's
+  trained tokens minus the rejected one's. `preference_accuracy` is the share of pairs with a
+  positive margin and `preference_margin` its mean; `reward_accuracy` is the share of pairs whose
+  margin is above the base's on the same pair (DPO's reward accuracy: the model moved towards the
+  chosen answer relative to the base) and `reward_margin` the mean difference, so both are 0 for
+  the base itself. The chosen answer is the reference of the generation metrics.
 
 The tuned model is the base (loaded in full precision) with the adapter applied, which is exactly
 what publishing merges. The published version, when asked for, is scored the same way.
@@ -27,15 +33,18 @@ from pathlib import Path
 
 import torch
 
+from loraflow.adapters import adapter_method
 from loraflow.base_model import load_causal_lm
 from loraflow.dataset import dataset_tokenizer, load_split
 from loraflow.formatting import IGNORE_INDEX, collate, render, tokenize_conversations
+from loraflow.merge import MergeError, load_published_model
 from loraflow.spec import LOWER_IS_BETTER, EvaluationSpec
 from loraflow.templates import end_of_turn
 
 log = logging.getLogger(__name__)
 
 METRICS = ("eval_loss", "perplexity", "exact_match", "token_f1", "rouge_l", "format_match")
+PAIR_METRICS = ("preference_accuracy", "preference_margin", "reward_accuracy", "reward_margin")
 MOVERS = 10
 
 GENERAL_PROMPTS = (
@@ -65,6 +74,8 @@ class ModelScores:
     answers: list[str] = field(default_factory=list)
     example_losses: list[float] = field(default_factory=list)
     """Mean loss per trained token of each eval example, in order."""
+    pair_margins: list[float] = field(default_factory=list)
+    """Each eval pair's log-probability of chosen minus rejected, in order (preference data)."""
 
 
 @dataclass
@@ -287,6 +298,51 @@ def example_losses(model, rows: list[dict], pad_id: int, batch_size: int) -> tup
 
 
 @torch.no_grad()
+def sequence_logps(model, rows: list[dict], pad_id: int, batch_size: int) -> list[float]:
+    """Each row's summed log-probability of its trained tokens (the labels that are not IGNORE_INDEX)."""
+    sums = []
+    for start in range(0, len(rows), batch_size):
+        batch = {k: v.to(model.device) for k, v in collate(rows[start : start + batch_size], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2),
+            batch["labels"][:, 1:],
+            reduction="none",
+            ignore_index=IGNORE_INDEX,
+        )
+        sums += [-float(s) for s in losses.sum(dim=1)]
+    return sums
+
+
+def pair_margins(model, pairs: list[dict], pad_id: int, batch_size: int) -> list[float]:
+    """Each preference pair's log-probability of the chosen answer minus the rejected one's."""
+    chosen = sequence_logps(
+        model, [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in pairs], pad_id, batch_size
+    )
+    rejected = sequence_logps(
+        model,
+        [{"input_ids": r["rejected_input_ids"], "labels": r["rejected_labels"]} for r in pairs],
+        pad_id,
+        batch_size,
+    )
+    return [c - r for c, r in zip(chosen, rejected, strict=True)]
+
+
+def pair_metrics(margins: list[float], base_margins: list[float]) -> dict[str, float]:
+    """The preference metrics of one model from its margins and the base's on the same pairs."""
+    if not margins:
+        return {}
+    gains = [m - b for m, b in zip(margins, base_margins, strict=True)]
+    n = len(margins)
+    return {
+        "preference_accuracy": sum(m > 0 for m in margins) / n,
+        "preference_margin": sum(margins) / n,
+        "reward_accuracy": sum(g > 0 for g in gains) / n,
+        "reward_margin": sum(gains) / n,
+    }
+
+
+@torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
     """Greedy answers for rendered prompts, batched with left padding; an answer ends at the
     template's end-of-turn token or at eos."""
@@ -325,14 +381,19 @@ def score(
     spec: EvaluationSpec,
     label: str,
     matches_format=None,
+    base: ModelScores | None = None,
 ) -> ModelScores:
-    """One model's metrics on the eval rows (and its answers to the conversations' prompts)."""
+    """One model's metrics on the eval rows (and its answers to the conversations' prompts). On
+    preference pairs, `base` is the base model's scores (None when scoring the base itself)."""
     started = time.perf_counter()
     model.eval()
     per_row, loss = example_losses(model, rows, tokenizer.pad_token_id, spec.batch_size)
     answers = generate_answers(model, tokenizer, prompts, spec.max_new_tokens, spec.batch_size)
     metrics = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
     metrics.update(answer_metrics(answers, references, matches_format))
+    pairs = [row for row in rows if row.get("rejected_input_ids") is not None]
+    margins = pair_margins(model, pairs, tokenizer.pad_token_id, spec.batch_size) if pairs else []
+    metrics.update(pair_metrics(margins, base.pair_margins if base is not None else margins))
     log.info(
         "%s: %s (%d examples in %.1fs)",
         label,
@@ -340,7 +401,7 @@ def score(
         len(rows),
         time.perf_counter() - started,
     )
-    return ModelScores(metrics=metrics, answers=answers, example_losses=per_row)
+    return ModelScores(metrics=metrics, answers=answers, example_losses=per_row, pair_margins=margins)
 
 
 def forgetting_prompts(spec: EvaluationSpec, root: Path | None = None) -> list[str]:
@@ -407,7 +468,7 @@ def evaluate_adapter(
         _, probe_base_loss = example_losses(model, probe_rows, tokenizer.pad_token_id, spec.batch_size)
 
     model = PeftModel.from_pretrained(model, adapter_dir, adapter_name="tuned")
-    tuned = score(model, tokenizer, rows, prompts, references, spec, "tuned", matches_format)
+    tuned = score(model, tokenizer, rows, prompts, references, spec, "tuned", matches_format, base)
     if spec.forgetting.enabled and not probe_rows:
         log.warning(
             "the base model answered none of the %d general prompts: forgetting not measured", len(general)
@@ -433,14 +494,35 @@ def evaluate_adapter(
         )
 
     published = None
-    if published_dir is not None and published_same_base:
+    # the published adapter joins the tuned one on this base when PEFT can hold both (the same
+    # method); otherwise the published version is loaded alone: merged weights, or its adapter on this base
+    beside = (
+        published_dir is not None
+        and published_same_base
+        and adapter_method(Path(published_dir) / "adapter") == adapter_method(Path(adapter_dir))
+    )
+    if beside:
         model.load_adapter(str(Path(published_dir) / "adapter"), adapter_name="published")
         model.set_adapter("published")
-        published = score(model, tokenizer, rows, prompts, references, spec, "published", matches_format)
+        published = score(
+            model, tokenizer, rows, prompts, references, spec, "published", matches_format, base
+        )
     elif published_dir is not None:
         del model
-        other = load_causal_lm(Path(published_dir), dtype="float32", trust_remote_code=trust_remote_code)
-        published = score(other, tokenizer, rows, prompts, references, spec, "published", matches_format)
+        try:
+            other = load_published_model(
+                Path(published_dir),
+                Path(base_model_dir) if published_same_base else None,
+                trust_remote_code=trust_remote_code,
+            )
+        except MergeError as err:
+            raise EvaluationError(
+                f"evaluation.gate.must_beat_published: {err}; it was trained on another base, so it cannot be "
+                "scored here"
+            ) from None
+        published = score(
+            other, tokenizer, rows, prompts, references, spec, "published", matches_format, base
+        )
     return EvalReport(
         examples=len(rows),
         base=base,

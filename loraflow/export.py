@@ -128,6 +128,19 @@ def architecture_of(model_dir: Path) -> str:
     return architectures[0] if architectures else f"(none named in {Path(model_dir) / 'config.json'})"
 
 
+def check_mergeable(adapter_method: str) -> None:
+    """Raise ExportError for an adapter that cannot be merged (prefix tuning): a GGUF file, and the
+    Modelfile pointing at it, hold weights, and such an adapter is not a change to any weight."""
+    from loraflow.adapters import METHOD_NAMES, mergeable
+
+    if not mergeable(adapter_method):
+        raise ExportError(
+            f"GGUF export: the adapter is {METHOD_NAMES.get(adapter_method, adapter_method)}, which cannot be merged "
+            "into the weights a GGUF file (and an Ollama Modelfile) holds; llama.cpp and Ollama cannot load it. "
+            "Remove gguf from publish.exports, or train a mergeable adapter (training.adapter: lora, adalora or ia3)"
+        )
+
+
 def check_convertible(model_dir: Path) -> None:
     """Raise ExportError naming the architecture when the converter cannot write it."""
     architecture = architecture_of(model_dir)
@@ -375,6 +388,7 @@ def export_gguf(
     from loraflow.ollama import ModelfileError, modelfile
 
     folder = Path(folder)
+    check_mergeable(merged.fidelity.adapter_method)
     check_convertible(folder)
     text = {}  # the Modelfiles are made before converting: a template Ollama cannot take fails fast
     try:

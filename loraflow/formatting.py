@@ -7,6 +7,8 @@ Rules, in one place (validation has already normalized every schema to messages 
 - Only assistant tokens carry labels, the assistant's end-of-turn token included (a model that
   never trains it never learns to stop). The mask comes from the tokenizer's character offsets
   over the rendered text, not from re-tokenizing pieces.
+- A preference pair is two sequences, prompt + chosen and prompt + rejected; the prompt is never
+  trained, and `train_turns` / `train_on_inputs` apply within each continuation.
 """
 
 from __future__ import annotations
@@ -103,12 +105,73 @@ def tokenize_conversations(
             spans = [(0, len(text))]
         elif train_turns == "last":
             spans = spans[-1:]
-        labels = [
-            token_id if any(start < end_ and stop > start_ for start_, end_ in spans) else IGNORE_INDEX
-            for token_id, (start, stop) in zip(ids, offsets, strict=True)
-        ]
+        labels = _labelled(ids, offsets, spans)
         examples.append(TokenizedExample(input_ids=list(ids), labels=labels))
     return examples
+
+
+def _labelled(ids, offsets, spans) -> list[int]:
+    return [
+        token_id if any(start < end_ and stop > start_ for start_, end_ in spans) else IGNORE_INDEX
+        for token_id, (start, stop) in zip(ids, offsets, strict=True)
+    ]
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """A preference pair as two sequences sharing the prompt's tokens: prompt + chosen, prompt + rejected."""
+
+    chosen: TokenizedExample
+    rejected: TokenizedExample
+    prompt_tokens: int
+    """Leading tokens the two sequences share: the rendered prompt, up to its generation prompt."""
+
+
+def tokenize_pairs(
+    tokenizer,
+    prompts: list[list[dict]],
+    chosen: list[list[dict]],
+    rejected: list[list[dict]],
+    train_turns: str = "all",
+    train_on_inputs: bool = False,
+) -> list[TokenizedPair]:
+    """Preference pairs rendered with the chat template: the prompt is never trained, and within each
+    continuation the answers are (all of them, or the `last`, or with `train_on_inputs` every token
+    after the prompt). Both sequences of a pair must begin with the same prompt tokens, which DPO's
+    reward (a difference of the two sequences' log-probabilities) relies on."""
+    if not prompts:
+        return []
+    texts, trained = [], []
+    for prompt, *continuations in zip(prompts, chosen, rejected, strict=True):
+        start = len(render(tokenizer, prompt, add_generation_prompt=True))
+        for continuation in continuations:
+            text, spans = assistant_spans(tokenizer, prompt + continuation)
+            spans = [span for span in spans if span[0] >= start]
+            if train_on_inputs:
+                spans = [(start, len(text))]
+            elif train_turns == "last":
+                spans = spans[-1:]
+            texts.append(text)
+            trained.append((start, spans))
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    sequences = []
+    for ids, offsets, (start, spans) in zip(
+        encoded["input_ids"], encoded["offset_mapping"], trained, strict=True
+    ):
+        shared = sum(1 for _, stop in offsets if stop <= start)
+        sequences.append(
+            (TokenizedExample(input_ids=list(ids), labels=_labelled(ids, offsets, spans)), shared)
+        )
+    pairs = []
+    for (good, good_shared), (bad, bad_shared) in zip(sequences[0::2], sequences[1::2], strict=True):
+        shared = min(good_shared, bad_shared)
+        if good.input_ids[:shared] != bad.input_ids[:shared]:
+            raise FormattingError(
+                "the two answers of a preference pair do not begin with the same prompt tokens under this chat "
+                "template, so their log-probabilities cannot be compared"
+            )
+        pairs.append(TokenizedPair(chosen=good, rejected=bad, prompt_tokens=shared))
+    return pairs
 
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from loraflow.evaluate import EvalReport
-from loraflow.spec import GateSpec
+from loraflow.spec import PREFERENCE_METRICS, GateSpec
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,13 @@ def gate_verdict(report: EvalReport, gate: GateSpec) -> GateVerdict:
             f"{gate.metric}: the tuned model improves by {improvement:+.4f} over the base, the gate needs "
             f"{gate.min_improvement:+.4f} (short by {short:.4f})"
             if math.isfinite(improvement)
-            else f"{gate.metric}: not measured for this dataset (no conversations to answer), so it cannot pass"
+            else f"{gate.metric}: not measured for this dataset ("
+            + (
+                "no preference pairs in the eval split"
+                if gate.metric in PREFERENCE_METRICS
+                else "no conversations to answer"
+            )
+            + "), so it cannot pass"
         )
     if report.forgetting is not None:
         figures["forgetting_ratio"] = report.forgetting.ratio

@@ -66,6 +66,8 @@ class DatasetManifest(Manifest):
     mean_tokens: float
     packing_efficiency: float
     reused: bool
+    preference_pairs: int = 0
+    """Examples that are chosen/rejected pairs (what dpo and orpo train on)."""
 
 
 class AdapterManifest(Manifest):

@@ -6,6 +6,13 @@ the adapter on its own (under `adapter/`), any exports made from them (GGUF file
 loraflow.export), and a model card (README.md). It is written to a
 temporary folder and renamed into `<models_dir>/<version>/`; a `latest` file then names the
 newest version (replaced in one rename), so a failed publish leaves the previous one intact.
+
+LoRA, AdaLoRA and IA3 adapters merge (PEFT's merge_and_unload: a low-rank update added to each
+weight, a scaling folded into its rows or columns). A prefix-tuning adapter cannot: its trained
+key/value vectors come before every sequence and are not a change to any weight. Its version holds
+the adapter alone (`adapter/`, no model weights), the tokenizer, the generation config and a
+record naming the base it must be loaded on (`publish_record.json`: `merged: false`); it is checked
+by loading the written adapter on the base again and comparing the logits with the trained ones.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any
 
 import torch
 
+from loraflow.adapters import adapter_method, mergeable
 from loraflow.artifacts import atomic_dir, file_sha256
 from loraflow.base_model import checkpoint_dtype, load_causal_lm, load_tokenizer, torch_dtype
 from loraflow.hashing import content_hash
@@ -61,6 +69,8 @@ def publish_version(
     # the adapter's weights and config decide the merged weights; its training log does not
     files = [Path(adapter_dir) / name for name in ("adapter_model.safetensors", "adapter_config.json")]
     identity = {"adapter": [file_sha256(f) for f in files], "base_model": base_model_hash, "dtype": dtype}
+    if not mergeable(adapter_method(adapter_dir)):
+        identity["dtype"] = None  # an adapter published alone: no weights are cast, the dtype changes nothing
     if gguf_types:  # absent without GGUF exports, so safetensors-only versions keep their names
         identity["gguf"] = list(gguf_types)
     return content_hash(identity)
@@ -106,6 +116,11 @@ class MergeFidelity:
     changed: bool
     """Whether the merged model's logits differ from the base's (in the publish dtype)."""
     probes: int
+    merged: bool = True
+    """False for an adapter that cannot be merged (prefix tuning): the published model is then base
+    plus adapter itself, and the merge differences are 0 by construction."""
+    adapter_method: str = "lora"
+    """The trained adapter's method (loraflow.adapters.adapter_method): lora, adalora, ia3 or prefix."""
 
 
 @dataclass(frozen=True)
@@ -165,6 +180,13 @@ class MergedModel:
     fidelity: MergeFidelity
     inputs: list
     logits: list
+    base_model_dir: Path | None = None
+    """The base the adapter was applied to: an unmerged version is reloaded on it to be checked."""
+
+    @property
+    def merged(self) -> bool:
+        """Whether `model` holds merged weights; False for a prefix adapter (`model` is base plus adapter)."""
+        return self.fidelity.merged
 
 
 def merge_in_memory(
@@ -175,11 +197,16 @@ def merge_in_memory(
     probes: list[str] | None = None,
 ) -> MergedModel:
     """Merge the adapter into the base in float32 and cast to `dtype`; measure the merged logits
-    against base plus adapter in float32 and against the base in `dtype`, on the probes."""
+    against base plus adapter in float32 and against the base in `dtype`, on the probes. An adapter
+    that cannot be merged (prefix tuning) stays base plus adapter in float32, `dtype` aside: its
+    figures say how much it changes the base."""
     import copy
 
     from peft import PeftModel
 
+    method = adapter_method(adapter_dir)
+    if not mergeable(method):
+        dtype = "float32"  # no weights are written, so none are rounded
     tokenizer = load_tokenizer(adapter_dir, trust_remote_code)
     model = load_causal_lm(base_model_dir, dtype="float32", trust_remote_code=trust_remote_code)
     model.eval()
@@ -197,6 +224,18 @@ def merge_in_memory(
     tuned = PeftModel.from_pretrained(model, adapter_dir)
     tuned.eval()
     tuned_logits = _logits(tuned, inputs)
+    if not mergeable(method):
+        fidelity = MergeFidelity(
+            dtype=dtype,
+            merge_max_abs_diff=0.0,
+            merge_mean_abs_diff=0.0,
+            adapter_effect=_mean_abs(tuned_logits, base_logits),
+            changed=not all(torch.equal(t, b) for t, b in zip(tuned_logits, base_logits, strict=True)),
+            probes=len(texts),
+            merged=False,
+            adapter_method=method,
+        )
+        return MergedModel(tuned, tokenizer, fidelity, inputs, tuned_logits, Path(base_model_dir))
     merged = tuned.merge_and_unload()
     if dtype != "float32":
         merged = merged.to(torch_dtype(dtype))
@@ -213,8 +252,9 @@ def merge_in_memory(
             torch.equal(m, b) for m, b in zip(merged_logits, base_in_dtype or base_logits, strict=True)
         ),
         probes=len(texts),
+        adapter_method=method,
     )
-    return MergedModel(merged, tokenizer, fidelity, inputs, merged_logits)
+    return MergedModel(merged, tokenizer, fidelity, inputs, merged_logits, Path(base_model_dir))
 
 
 def write_published(
@@ -236,7 +276,11 @@ def write_published(
     `exports`, when given, is called with the unfinished folder once the safetensors reload
     correctly; it writes further files there and returns a report (loraflow.export.ExportReport).
     It may raise to stop the publish, which then leaves nothing behind. `model_card` may be a
-    function of that report (None without exports), so the card lists what was exported."""
+    function of that report (None without exports), so the card lists what was exported.
+
+    An unmerged model (a prefix adapter, `merged.merged` False) is written without weights: the
+    adapter, the tokenizer, the generation config and the record; the reload check loads that
+    adapter on the base again."""
     verdict = verdict or merge_verdict(merged.fidelity)
     allowed_reload = reload_tolerance(merged.fidelity, verdict)
     from transformers import AutoModelForCausalLM
@@ -245,21 +289,33 @@ def write_published(
     _stop_at_end_of_turn(model, tokenizer)
     target = Path(models_dir) / version
     with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if merged.merged:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if load_tokenizer(tmp, trust_remote_code).chat_template != tokenizer.chat_template:
             raise MergeError(f"{target}: the saved chat template differs from the adapter's")
         shutil.copytree(adapter_dir, tmp / "adapter")
         (tmp / RECORD).write_text(
             json.dumps(
-                {"version": version, "dtype": merged.fidelity.dtype, **(record or {})},
+                {
+                    "version": version,
+                    "dtype": merged.fidelity.dtype,
+                    "merged": merged.merged,
+                    "adapter_method": merged.fidelity.adapter_method,
+                    **(record or {}),
+                },
                 indent=2,
                 sort_keys=True,
             )
         )
-        reloaded = AutoModelForCausalLM.from_pretrained(
-            tmp, dtype=model.dtype, use_safetensors=True, device_map={"": str(model.device)}
-        )
+        if merged.merged:
+            reloaded = AutoModelForCausalLM.from_pretrained(
+                tmp, dtype=model.dtype, use_safetensors=True, device_map={"": str(model.device)}
+            )
+        else:
+            reloaded = load_published_model(tmp, merged.base_model_dir, trust_remote_code=trust_remote_code)
         reloaded.eval()
         reload_diff = max(
             float((r - m).abs().max())
@@ -285,6 +341,27 @@ def write_published(
         adapter_effect=fidelity.adapter_effect,
         exports=report,
     )
+
+
+def load_published_model(
+    folder: Path, base_model_dir: Path | None = None, dtype: str = "float32", trust_remote_code: bool = False
+):
+    """A published version as a model to score or generate with: its merged weights, or, for a
+    version that holds an adapter alone (`merged: false` in its record: prefix tuning), that adapter
+    on `base_model_dir`, which must be the base the record names."""
+    from peft import PeftModel
+
+    folder = Path(folder)
+    record = published_record(folder)
+    if record.get("merged", True):
+        return load_causal_lm(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    if base_model_dir is None:
+        raise MergeError(
+            f"{folder}: this version holds a {record.get('adapter_method', 'prefix')} adapter alone (it cannot be "
+            f"merged); load it on its base model {record.get('base_model', '(not recorded)')}"
+        )
+    base = load_causal_lm(Path(base_model_dir), dtype=dtype, trust_remote_code=trust_remote_code)
+    return PeftModel.from_pretrained(base, folder / "adapter")
 
 
 def reload_tolerance(fidelity: MergeFidelity, verdict: MergeVerdict) -> float:

@@ -40,6 +40,8 @@ class TrainRequest(BaseModel):
     """Where the training's run is tracked (MLflow's store under the artifact home, by default)."""
     root: str | None = None
     """The project root, which a relative `training.deepspeed_config` is relative to."""
+    start_adapter_dir: str | None = None
+    """The adapter this training starts from (`training.start_from`: another pipeline's adapter)."""
 
 
 def training_device() -> str:
@@ -102,6 +104,7 @@ def run_training(request: TrainRequest, preflight: bool = True) -> TrainResult:
         record=request.record,
         tracking=request.tracking,
         root=Path(request.root) if request.root else None,
+        start_adapter_dir=Path(request.start_adapter_dir) if request.start_adapter_dir else None,
     )
 
 

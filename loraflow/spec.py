@@ -42,8 +42,11 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
-SCHEMAS = ("alpaca", "chat", "sharegpt", "completion")
-FIELDS = ("instruction", "input", "output", "messages", "conversations", "text")
+SCHEMAS = ("alpaca", "chat", "sharegpt", "completion", "preference")
+FieldName = Literal[
+    "instruction", "input", "output", "messages", "conversations", "text", "prompt", "chosen", "rejected"
+]
+FIELDS = typing.get_args(FieldName)
 
 
 class SourceSpec(Section):
@@ -56,15 +59,17 @@ class SourceSpec(Section):
     object per line, `.json` one JSON array of objects, `.csv` (also `.gz`) comma-separated with a
     header, `.parquet` Parquet."""
 
-    format: Literal["auto", "alpaca", "chat", "sharegpt", "completion"] = "auto"
+    format: Literal["auto", "alpaca", "chat", "sharegpt", "completion", "preference"] = "auto"
     """Record schema. `alpaca`: instruction, optional input, output. `chat`: `messages`, a list of
     {role: system|user|assistant, content}. `sharegpt`: `conversations`, a list of {from: system|human|gpt,
-    value}. `completion`: `text`, trained as a whole. `auto` detects it from the records' keys (after
-    `columns`) and reports what it found; a file matching several schemas is an error naming them."""
+    value}. `completion`: `text`, trained as a whole. `preference`: `chosen` and `rejected` answers to
+    one prompt, for DPO or ORPO (`training.objective`): an optional `prompt` (a text or a message
+    list) with `chosen` and `rejected` as texts or message lists, or, without `prompt`, two whole
+    dialogues ("\n\nHuman: ... \n\nAssistant: ..." transcripts or message lists) whose shared
+    beginning is the prompt. `auto` detects it from the records' keys (after `columns`) and reports
+    what it found; a file matching several schemas is an error naming them."""
 
-    columns: dict[Literal["instruction", "input", "output", "messages", "conversations", "text"], str] = (
-        Field(default_factory=dict)
-    )
+    columns: dict[FieldName, str] = Field(default_factory=dict)
     """Map loraflow's field names to the file's own, e.g. `{output: response}` for a file whose
     answers are in a `response` key. Fields not named here keep their own name."""
 
@@ -293,6 +298,74 @@ class LoraSpec(Section):
     adding tokens. Empty for plain LoRA."""
 
 
+class PreferenceSpec(Section):
+    beta: float = Field(default=0.1, gt=0)
+    """DPO: how strongly the tuned model is held to the reference (higher stays closer; typical
+    0.05-0.5). ORPO: the weight of the odds-ratio term beside the chosen answers' loss (typical 0.1)."""
+
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    """DPO's loss: `sigmoid` (the DPO paper's), `ipo` (IPO: a squared loss that does not push
+    margins to infinity on noisy pairs), `hinge` (SLiC), `robust` (with `label_smoothing`, for pairs
+    some of which are labelled the wrong way round). Ignored by ORPO."""
+
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
+    """The share of pairs assumed mislabelled, for `robust` (and conservative `sigmoid`) DPO."""
+
+
+class AdaLoraSpec(Section):
+    init_r: int = Field(default=12, ge=1, le=1024)
+    """Rank every adapted layer starts with."""
+
+    target_r: int = Field(default=4, ge=1, le=1024)
+    """Average rank left per layer once the budget is reallocated: ranks move to the layers whose
+    singular values matter most, and the total shrinks to target_r per layer."""
+
+    tinit: int | None = Field(default=None, ge=0)
+    """Steps trained at init_r before any rank is pruned. None: a tenth of the steps."""
+
+    tfinal: int | None = Field(default=None, ge=0)
+    """Last steps trained with the final ranks fixed. None: a fifth of the steps."""
+
+    delta_t: int = Field(default=1, ge=1)
+    """Steps between two reallocations of the budget."""
+
+    beta1: float = Field(default=0.85, gt=0, lt=1)
+    """EMA factor of the importance scores' sensitivity."""
+
+    beta2: float = Field(default=0.85, gt=0, lt=1)
+    """EMA factor of the importance scores' uncertainty."""
+
+    orth_reg_weight: float = Field(default=0.5, ge=0)
+    """Weight of the loss term that keeps each layer's P and Q orthogonal, as the SVD form needs."""
+
+    @model_validator(mode="after")
+    def _budget_shrinks(self) -> AdaLoraSpec:
+        if self.target_r > self.init_r:
+            raise ValueError(f"target_r ({self.target_r}) must not exceed init_r ({self.init_r})")
+        return self
+
+
+class IA3Spec(Section):
+    target_modules: list[str] = Field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
+    """Layers whose activations get a learned scaling vector: the keys, values and the feed-forward
+    output in the IA3 paper."""
+
+    feedforward_modules: list[str] = Field(default_factory=lambda: ["down_proj"])
+    """Which of target_modules are feed-forward layers (their input is scaled, not their output)."""
+
+
+class PrefixSpec(Section):
+    num_virtual_tokens: int = Field(default=20, ge=1, le=1024)
+    """Trained key/value vectors put before every sequence, in every layer. Typical 10-100."""
+
+    projection: bool = False
+    """Learn the prefix through a two-layer MLP (more stable; the MLP is dropped after training
+    for a plain prefix)."""
+
+    projection_hidden: int = Field(default=512, ge=1)
+    """Hidden size of that MLP."""
+
+
 class TrainingSpec(Section):
     method: Literal["qlora", "lora"] = "qlora"
     """`qlora`: LoRA on a 4-bit NF4 base (least memory). `lora`: LoRA on a base kept in `dtype`."""
@@ -307,7 +380,41 @@ class TrainingSpec(Section):
     """4-bit settings. Defaults to NF4 with double quantization when `method: qlora`."""
 
     lora: LoraSpec = Field(default_factory=LoraSpec)
-    """The adapter's shape."""
+    """The LoRA adapter's shape (`adapter: lora`, and AdaLoRA's alpha, dropout and targets)."""
+
+    objective: Literal["sft", "dpo", "orpo"] = "sft"
+    """What the model learns. `sft`: the answers (on preference data: the chosen answers).
+    `dpo`: Direct Preference Optimization on chosen/rejected pairs, against a frozen reference
+    (the base, or the adapter `start_from` names). `orpo`: odds-ratio preference optimization, the
+    chosen answers' loss plus a preference term, with no reference model. dpo and orpo need
+    `format: preference` data."""
+
+    preference: PreferenceSpec = Field(default_factory=PreferenceSpec)
+    """DPO and ORPO settings."""
+
+    start_from: str | None = None
+    """Another pipeline whose adapter this training starts from, e.g. the SFT pipeline of an
+    SFT-then-DPO recipe. Its adapter is trained on (its method and shape, not this section's
+    `adapter` settings, decide the adapter), and for `dpo` a frozen copy of it is the reference.
+    Both pipelines must use the same base model. The model card names both trainings."""
+
+    adapter: Literal["lora", "adalora", "ia3", "prefix"] = "lora"
+    """Which parameter-efficient method trains. `lora` (with its `lora` variants: DoRA, rsLoRA,
+    LoRA+): a low-rank update B·A beside each target layer. `adalora`: LoRA in SVD form whose rank
+    budget moves to the layers that matter during training (`adalora`). `ia3`: learned scaling
+    vectors on keys, values and feed-forward activations; the fewest parameters (`ia3`).
+    `prefix`: trained key/value vectors before every sequence in every layer (`prefix`); cannot be
+    merged, so it is published as an adapter beside the named base. All merge but prefix."""
+
+    adalora: AdaLoraSpec = Field(default_factory=AdaLoraSpec)
+    """AdaLoRA's rank budget, for `adapter: adalora` (it also uses `lora.alpha`, `lora.dropout`
+    and `lora.target_modules`)."""
+
+    ia3: IA3Spec = Field(default_factory=IA3Spec)
+    """IA3's target layers, for `adapter: ia3`."""
+
+    prefix: PrefixSpec = Field(default_factory=PrefixSpec)
+    """Prefix tuning's size, for `adapter: prefix`."""
 
     epochs: float = Field(default=1.0, gt=0)
     """Passes over the training split (fractions allowed). `max_steps`, when set, wins."""
@@ -404,6 +511,29 @@ class TrainingSpec(Section):
         return self
 
     @model_validator(mode="after")
+    def _variants_belong_to_lora(self) -> TrainingSpec:
+        if self.adapter == "lora":
+            return self
+        variants = [
+            key
+            for key, on in (
+                ("use_dora", self.lora.use_dora),
+                ("use_rslora", self.lora.use_rslora),
+                ("loraplus_lr_ratio", self.lora.loraplus_lr_ratio is not None),
+            )
+            if on
+        ]
+        if variants:
+            raise ValueError(
+                f"lora.{variants[0]} is a LoRA variant, but adapter is {self.adapter!r}; remove it, or use adapter: lora"
+            )
+        if self.adapter in ("ia3", "prefix") and self.lora.modules_to_save:
+            raise ValueError(
+                f"lora.modules_to_save is not supported with adapter {self.adapter!r}; use adapter: lora or adalora"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _quantization_matches_method(self) -> TrainingSpec:
         if self.method == "qlora":
             if self.quantization is None:
@@ -421,13 +551,30 @@ class TrainingSpec(Section):
         return self
 
 
-GateMetric = Literal["eval_loss", "exact_match", "token_f1", "rouge_l", "format_match"]
+GateMetric = Literal[
+    "eval_loss",
+    "exact_match",
+    "token_f1",
+    "rouge_l",
+    "format_match",
+    "preference_accuracy",
+    "preference_margin",
+    "reward_accuracy",
+    "reward_margin",
+]
+PREFERENCE_METRICS = ("preference_accuracy", "preference_margin", "reward_accuracy", "reward_margin")
+"""Scored on held-out preference pairs only."""
 LOWER_IS_BETTER = {"eval_loss"}
 
 
 class GateSpec(Section):
     metric: GateMetric = "eval_loss"
-    """The metric the tuned model must improve over the base to be published."""
+    """The metric the tuned model must improve over the base to be published. On preference data
+    also: `preference_accuracy` (share of held-out pairs whose chosen answer the model finds more
+    likely than the rejected one), `preference_margin` (the mean log-probability of chosen minus
+    rejected), and, relative to the base (whose own are 0), `reward_accuracy` (share of pairs where
+    the model prefers chosen over rejected more than the base does: DPO's reward accuracy) and
+    `reward_margin` (how much more, on average, in log-probability)."""
 
     min_improvement: float = 0.0
     """How much better the tuned model must be: an absolute difference in the metric's own units
@@ -719,6 +866,33 @@ class PipelineAttributes(Section):
     (`make mlflow` browses it). `wandb`: Weights & Biases (the `wandb` extra; WANDB_* variables
     apply). `tensorboard`: event files under the artifact home (the `tensorboard` extra). `none`."""
 
+    @model_validator(mode="after")
+    def _training_fits_the_data(self) -> PipelineAttributes:
+        training = self.training
+        if training.objective != "sft":
+            other = sorted({s.format for s in self.data.sources} - {"auto", "preference"})
+            if other:
+                raise ValueError(
+                    f"training.objective {training.objective!r} trains on chosen/rejected pairs, but a source "
+                    f"has format {other[0]!r}; use format: preference (or auto) sources, or objective: sft"
+                )
+            if self.format.packing:
+                raise ValueError(
+                    f"format.packing is for SFT rows; training.objective {training.objective!r} pads each "
+                    "pair per batch. Set packing: false"
+                )
+        if training.adapter == "prefix" and training.start_from is None and "gguf" in self.publish.exports:
+            raise ValueError(
+                "publish.exports gguf needs merged weights, and a prefix adapter cannot be merged (it is "
+                "published as an adapter beside its base); remove gguf from publish.exports, or use another adapter"
+            )
+        if training.adapter == "prefix" and self.format.packing:
+            raise ValueError(
+                "format.packing confines attention to each packed example, which a prefix shared by the whole "
+                "row cannot respect; set packing: false, or use another adapter"
+            )
+        return self
+
 
 class PipelineSpec(PipelineAttributes):
     """One fine-tune: its attributes, its name and the project root its paths resolve against."""
@@ -743,6 +917,16 @@ class PipelineSpec(PipelineAttributes):
                 f"catalog); rename its folder or file (reserved: {', '.join(sorted(RESERVED_NAMES))})"
             )
         return value
+
+    @model_validator(mode="after")
+    def _starts_from_another_pipeline(self) -> PipelineSpec:
+        start = self.training.start_from
+        if start is not None and (start == self.name or not PIPELINE_NAME.match(start)):
+            raise ValueError(
+                f"training.start_from {start!r} must name another pipeline (its folder's name), not "
+                + ("this one" if start == self.name else "a path")
+            )
+        return self
 
     def section_version(self, *sections: str) -> str:
         """A short hash of the named spec sections: the code_version of assets that use them."""

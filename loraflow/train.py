@@ -35,10 +35,18 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from loraflow.adapters import (
+    adapter_callbacks,
+    adapter_record,
+    adapter_regularization,
+    attach_adapter,
+    lora_config,
+)
 from loraflow.artifacts import atomic_dir, write_json_atomic
 from loraflow.base_model import load_causal_lm, load_tokenizer, torch_dtype
 from loraflow.curves import save_loss_curve
@@ -46,15 +54,17 @@ from loraflow.dataset import dataset_tokenizer, load_split, stored_template
 from loraflow.engine import (
     CHECKPOINT_MARKER,
     LoraflowTrainer,
+    collate_pairs,
     kept,
     make_collator,
     targets_of,
     token_loss_sum,
+    trainer_class,
 )
 from loraflow.hashing import content_hash
 from loraflow.packing import pack_examples, packing_efficiency
 from loraflow.runtime import Runtime, TrainingError, resolve_dtypes, resolve_runtime
-from loraflow.spec import LoraSpec, TrainingSpec
+from loraflow.spec import TrainingSpec
 from loraflow.tracking import Tracking, check_installed, flatten, log_artifact, tracked_run
 
 log = logging.getLogger("loraflow")
@@ -67,6 +77,7 @@ EVAL_EXAMPLES = 256
 
 __all__ = [
     "LOSS_CURVE",
+    "lora_config",
     "TRAINING_SUMMARY",
     "TrainResult",
     "TrainingError",
@@ -105,6 +116,13 @@ class TrainResult:
     """The resolved settings: device, dtype, attention, optimizer, kernels."""
     tracking: dict = field(default_factory=dict)
     """The tracked run: backend, run id, link."""
+    objective: str = "sft"
+    reward_accuracy: float | None = None
+    """Preference trainings: the mean reward accuracy of the last steps (up to 10) on the train pairs."""
+    reward_margin: float | None = None
+    """Preference trainings: the mean reward margin of those steps."""
+    reward_curve: list[tuple] = field(default_factory=list)
+    """Preference trainings: (step, reward accuracy, reward margin) of every step."""
 
     @property
     def trainable_percent(self) -> float:
@@ -117,30 +135,13 @@ class TrainResult:
         if not path.is_file():
             raise TrainingError(f"the training finished, but {path} does not exist; see the training's log")
         fields = json.loads(path.read_text(encoding="utf-8"))
-        for curve in ("loss_curve", "eval_curve"):
+        for curve in ("loss_curve", "eval_curve", "reward_curve"):
             fields[curve] = [tuple(point) for point in fields[curve]]
         return cls(**fields)
 
 
 # ---------------------------------------------------------------------------------------------
 # the pieces a training is made of
-
-
-def lora_config(lora: LoraSpec):
-    """The PEFT LoraConfig for the spec's adapter shape."""
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        bias=lora.bias,
-        use_rslora=lora.use_rslora,
-        use_dora=lora.use_dora,
-        modules_to_save=lora.modules_to_save or None,
-        task_type="CAUSAL_LM",
-    )
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float, schedule: str = "cosine") -> float:
@@ -166,26 +167,6 @@ def count_parameters(model) -> tuple[int, int]:
         if param.requires_grad:
             trainable += n
     return trainable, total
-
-
-def attach_lora(model, training: TrainingSpec):
-    """The model with LoRA adapters; a target module the model lacks is a clear error."""
-    from peft import get_peft_model
-
-    try:
-        return get_peft_model(model, lora_config(training.lora))
-    except ValueError as err:
-        linear = sorted(
-            {
-                name.rsplit(".", 1)[-1]
-                for name, module in model.named_modules()
-                if "Linear" in type(module).__name__
-            }
-        )
-        raise TrainingError(
-            f"training.lora.target_modules {training.lora.target_modules}: {str(err).rstrip('.')}. This model's linear layers "
-            f"are named {', '.join(linear)}; list some of them, or use all-linear"
-        ) from None
 
 
 def load_model(training: TrainingSpec, runtime: Runtime, base_model_dir: Path, trust_remote_code: bool):
@@ -284,10 +265,11 @@ def training_args(
     total_steps: int,
     has_eval: bool,
     root: Path | None = None,
+    max_length: int | None = None,
 ):
-    """The SFTConfig for a training: every setting explicit, TRL's defaults (bf16, checkpointing on)
-    never decide."""
-    from trl import SFTConfig
+    """The TRL config for a training (SFTConfig, DPOConfig or ORPOConfig, by `training.objective`):
+    every setting explicit, TRL's defaults (bf16, checkpointing on) never decide."""
+    from trl import DPOConfig, SFTConfig
 
     distributed: dict = {}
     if training.distributed == "fsdp":
@@ -303,7 +285,25 @@ def training_args(
             raise TrainingError(f"training.deepspeed_config: no DeepSpeed config at {config}")
         distributed = {"deepspeed": str(config)}
     checkpoints = training.checkpoint_every and training.checkpoint_every < total_steps
-    return SFTConfig(
+    objective: dict = {"dataset_kwargs": {"skip_prepare_dataset": True}}
+    config_class = SFTConfig
+    pairs = training.preference
+    if training.objective == "dpo":
+        config_class = DPOConfig
+        objective = {
+            "beta": pairs.beta,
+            "loss_type": [pairs.loss],
+            "label_smoothing": pairs.label_smoothing,
+            "max_length": None,  # loraflow's dataset already applied format.max_seq_len and overlong
+            "precompute_ref_log_probs": False,
+            "padding_free": False,
+        }
+    elif training.objective == "orpo":
+        from trl.experimental.orpo import ORPOConfig
+
+        config_class = ORPOConfig
+        objective = {"beta": pairs.beta, "max_length": max_length}
+    return config_class(
         output_dir=str(checkpoint_dir),
         max_steps=total_steps,
         per_device_train_batch_size=training.batch_size,
@@ -335,18 +335,21 @@ def training_args(
         dataloader_num_workers=0,
         dataloader_pin_memory=runtime.device == "cuda",
         remove_unused_columns=False,
-        dataset_kwargs={"skip_prepare_dataset": True},
         disable_tqdm=True,
         log_level="warning",
         ddp_find_unused_parameters=False,
+        **objective,
         **distributed,
     )
 
 
-def _rows_dataset(rows: list, packed: bool):
+def _rows_dataset(rows: list, packed: bool, pairs: bool = False):
     """loraflow's rows as a datasets.Dataset, columns named for the collator."""
     from datasets import Dataset
 
+    if pairs:
+        columns = ("input_ids", "labels", "rejected_input_ids", "rejected_labels")
+        return Dataset.from_dict({key: [r[key] for r in rows] for key in columns})
     if packed:
         return Dataset.from_dict(
             {
@@ -377,8 +380,9 @@ def train_adapter(
     record: dict | None = None,
     tracking: Tracking | None = None,
     root: Path | None = None,
+    start_adapter_dir: Path | None = None,
 ) -> TrainResult:
-    """Train a LoRA adapter on the dataset's train split and write it to `adapter_dir` atomically.
+    """Train an adapter on the dataset's train split and write it to `adapter_dir` atomically.
 
     `pack_to`: pack examples into rows of this many tokens (`format.packing`); None pads each batch.
     `progress`: called on the main rank after every step (after its eval and checkpoint) with that
@@ -386,8 +390,12 @@ def train_adapter(
     `<adapter>.checkpoints`); the newest one matching these settings is resumed from.
     `record`: lineage written into the adapter's training record (data version, base model hash).
     `tracking`: where the run is tracked (default: nowhere). `root`: what a relative
-    `deepspeed_config` is relative to. The tokenizer saved with the adapter carries the dataset's
-    chat template.
+    `deepspeed_config` is relative to. `start_adapter_dir`: an adapter (of the same base) to train
+    on instead of a new one (`training.start_from`); for DPO a frozen copy of it is the reference.
+    The tokenizer saved with the adapter carries the dataset's chat template.
+
+    `training.objective` picks the trainer: SFT on the examples (the chosen answers of pairs), or
+    DPO or ORPO on the dataset's preference pairs.
     """
     from transformers import set_seed
 
@@ -397,6 +405,9 @@ def train_adapter(
     adapter_dir = Path(adapter_dir)
     checkpoint_dir = Path(checkpoint_dir or adapter_dir.with_name(adapter_dir.name + ".checkpoints"))
     fingerprint = run_fingerprint(training, dataset_dir, base_model_dir, pack_to, runtime)
+    if start_adapter_dir is not None:
+        fingerprint = content_hash([fingerprint, str(start_adapter_dir)])
+    pairs = training.objective != "sft"
     set_seed(training.seed)  # the adapters' initial weights come from it
 
     tokenizer = dataset_tokenizer(base_model_dir, dataset_dir, trust_remote_code)
@@ -404,6 +415,11 @@ def train_adapter(
     if not train_rows:
         raise TrainingError(f"{dataset_dir}: the train split is empty; there is nothing to train on")
     eval_rows = load_split(dataset_dir, "eval")[:EVAL_EXAMPLES] if training.eval_every else []
+    if pairs:
+        train_rows, dropped = _pairs_only(train_rows, training.objective, dataset_dir)
+        eval_rows = [r for r in eval_rows if r["rejected_input_ids"] is not None]
+        if pack_to is not None:
+            raise TrainingError(f"training.objective {training.objective}: preference pairs are not packed")
     packed = pack_to is not None
     efficiency = None
     units = train_rows
@@ -416,16 +432,18 @@ def train_adapter(
     total_steps = training.max_steps or max(1, math.ceil(training.epochs * steps_per_epoch))
 
     model = load_model(training, runtime, base_model_dir, trust_remote_code)
-    model = attach_lora(model, training)
-    trainable, total = count_parameters(model)
+    peft_config = None
+    if start_adapter_dir is not None:
+        model = _continue_adapter(model, Path(start_adapter_dir), training)
+    else:
+        model = attach_adapter(model, training, total_steps)
+        if training.objective == "dpo":
+            # TRL's DPOTrainer attaches the adapter itself when handed the config: the reference is
+            # then the model with the adapter disabled (the base), with no frozen copy in memory
+            peft_config = model.peft_config["default"]
+            model = model.unload()
     main = int(os.environ.get("RANK", "0")) == 0
     if main:
-        log.info(
-            "trainable params: %s || all params: %s || trainable%%: %.4f",
-            f"{trainable:,}",
-            f"{total:,}",
-            100 * trainable / total,
-        )
         log.info("runtime: %s", runtime.describe() + "".join(f"; {note}" for note in runtime.notes))
         if packed:
             log.info(
@@ -436,7 +454,16 @@ def train_adapter(
                 100 * efficiency,
             )
 
-    args = training_args(training, runtime, checkpoint_dir, tracking, total_steps, bool(eval_rows), root=root)
+    args = training_args(
+        training,
+        runtime,
+        checkpoint_dir,
+        tracking,
+        total_steps,
+        bool(eval_rows),
+        root=root,
+        max_length=max((len(r["input_ids"]) for r in train_rows), default=None),
+    )
     _ = args.device  # joins the process group under torchrun, before the ranks agree on a checkpoint
     found = latest_checkpoint(checkpoint_dir, fingerprint) if main else None
     if world > 1:
@@ -446,17 +473,26 @@ def train_adapter(
     with warnings.catch_warnings():
         # TRL deprecates its Liger switch in favour of Hub kernels; the switch still applies them
         warnings.filterwarnings("ignore", message=r"`use_liger_kernel=True` is deprecated")
-        trainer = LoraflowTrainer(
-            model=model,
-            args=args,
-            train_dataset=_rows_dataset(units, packed),
-            eval_dataset=_rows_dataset(eval_rows, False) if eval_rows else None,
-            data_collator=make_collator(
+        extra = {"peft_config": peft_config} if peft_config is not None else {}
+        if pairs:
+            collator = partial(
+                collate_pairs,
+                pad_id=tokenizer.pad_token_id,
+                layout="orpo" if training.objective == "orpo" else "dpo",
+            )
+        else:
+            collator = make_collator(
                 tokenizer.pad_token_id,
                 packed,
                 runtime.attention,
                 torch_dtype(runtime.compute_dtype or runtime.dtype),
-            ),
+            )
+        trainer = trainer_class(training.objective)(
+            model=model,
+            args=args,
+            train_dataset=_rows_dataset(units, packed, pairs),
+            eval_dataset=_rows_dataset(eval_rows, False, pairs) if eval_rows else None,
+            data_collator=collator,
             processing_class=tokenizer,
             eval_rows=eval_rows,
             progress=progress,
@@ -466,6 +502,17 @@ def train_adapter(
             loraplus_ratio=training.lora.loraplus_lr_ratio,
             fused_head=runtime.device == "cuda" and not runtime.liger_kernel,
             fingerprint=fingerprint,
+            regularization=adapter_regularization(training),
+            callbacks=adapter_callbacks(training),
+            **extra,
+        )
+    trainable, total = count_parameters(trainer.model)
+    if main:
+        log.info(
+            "trainable params: %s || all params: %s || trainable%%: %.4f",
+            f"{trainable:,}",
+            f"{total:,}",
+            100 * trainable / total,
         )
     if training.method == "qlora" and runtime.dtype == "float32":
         # SFTTrainer casts a 4-bit model's adapters to bf16 (the QLoRA paper's choice on a GPU); in
@@ -476,11 +523,13 @@ def train_adapter(
 
     if main:
         log.info(
-            "training %s: %d steps of %d %s (%d train examples, %.2f epochs)%s%s",
+            "training %s (%s, %s): %d steps of %d %s (%d train examples, %.2f epochs)%s%s",
+            training.objective,
             training.method,
+            training.adapter if start_adapter_dir is None else f"continuing {Path(start_adapter_dir).name}",
             total_steps,
             per_step,
-            "packed rows" if packed else "examples",
+            "packed rows" if packed else "pairs" if pairs else "examples",
             len(train_rows),
             total_steps / steps_per_epoch,
             f" on {world} ranks ({training.distributed})" if world > 1 else "",
@@ -494,6 +543,7 @@ def train_adapter(
         "packing": pack_to is not None,
         "row_tokens": pack_to,
         "dataset": Path(dataset_dir).name,
+        "start_from": Path(start_adapter_dir).name if start_adapter_dir is not None else None,
     }
     started = time.perf_counter()
     resume_run = (resumed or {}).get("run_id")
@@ -534,7 +584,11 @@ def train_adapter(
             eval_curve=trainer.eval_curve,
             runtime=runtime.describe(),
             tracking=run.model_dump(exclude_none=True),
+            objective=training.objective,
+            **_last_rewards(trainer.reward_curve),
         )
+        if "ref" in getattr(trainer.model, "peft_config", {}):
+            trainer.model.delete_adapter("ref")  # DPO's frozen reference: not part of what was trained
         _save_adapter(
             trainer, tokenizer, adapter_dir, dataset_dir, result, training, pack_to, record, run, main
         )
@@ -561,7 +615,7 @@ def _save_adapter(trainer, tokenizer, adapter_dir, dataset_dir, result, training
         tokenizer.save_pretrained(tmp)
         (tmp / TRAINING_SUMMARY).write_text(json.dumps(asdict(result), indent=2))
         write_json_atomic(
-            tmp / TRAINING_RECORD, training_record(training, dataset_dir, pack_to, record, result)
+            tmp / TRAINING_RECORD, training_record(training, dataset_dir, pack_to, record, result, tmp)
         )
         curve = save_loss_curve(
             tmp / LOSS_CURVE, result.loss_curve, result.eval_curve, title=adapter_dir.name
@@ -571,6 +625,55 @@ def _save_adapter(trainer, tokenizer, adapter_dir, dataset_dir, result, training
             raise TrainingError(
                 f"{adapter_dir}: the saved tokenizer's chat template differs from the dataset's"
             )
+
+
+def _last_rewards(curve: list[tuple], last: int = 10) -> dict:
+    """The mean reward accuracy and margin over the last steps of a preference training."""
+    if not curve:
+        return {}
+    tail = [point for point in curve[-last:] if all(math.isfinite(v) for v in point[1:])]
+    if not tail:
+        return {"reward_curve": curve}
+    return {
+        "reward_accuracy": round(sum(p[1] for p in tail) / len(tail), 4),
+        "reward_margin": round(sum(p[2] for p in tail) / len(tail), 6),
+        "reward_curve": curve,
+    }
+
+
+def _pairs_only(rows: list[dict], objective: str, dataset_dir: Path) -> tuple[list[dict], int]:
+    """The train rows that are preference pairs; a dataset without any cannot train DPO or ORPO."""
+    kept_rows = [r for r in rows if r["rejected_input_ids"] is not None]
+    if not kept_rows:
+        raise TrainingError(
+            f"training.objective {objective} trains on chosen/rejected pairs, but the dataset {Path(dataset_dir).name} "
+            "holds none: give the pipeline sources with format: preference (records with chosen and rejected), "
+            "or use objective: sft"
+        )
+    if len(kept_rows) < len(rows):
+        log.warning(
+            "%d train examples are not preference pairs and are left out of %s",
+            len(rows) - len(kept_rows),
+            objective,
+        )
+    return kept_rows, len(rows) - len(kept_rows)
+
+
+def _continue_adapter(model, start_adapter_dir: Path, training: TrainingSpec):
+    """The base with another training's adapter, trainable (`training.start_from`)."""
+    from peft import PeftModel
+
+    if not (start_adapter_dir / "adapter_config.json").is_file():
+        raise TrainingError(
+            f"training.start_from: {start_adapter_dir} holds no adapter; materialize that pipeline's adapter first"
+        )
+    config = json.loads((start_adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    if training.objective == "dpo" and config.get("peft_type") == "ADALORA":
+        raise TrainingError(
+            "training.start_from names an AdaLoRA adapter: DPO keeps a frozen copy of the starting adapter as its "
+            "reference, and PEFT allows one AdaLoRA adapter per model. Start DPO from a lora, ia3 or prefix adapter"
+        )
+    return PeftModel.from_pretrained(model, start_adapter_dir, is_trainable=True)
 
 
 def _same_on_every_rank(found):
@@ -612,9 +715,16 @@ def _out_of_memory(training: TrainingSpec, pack_to: int | None, where: str) -> s
 
 
 def training_record(
-    training: TrainingSpec, dataset_dir: Path, pack_to: int | None, extra: dict | None, result: TrainResult
+    training: TrainingSpec,
+    dataset_dir: Path,
+    pack_to: int | None,
+    extra: dict | None,
+    result: TrainResult,
+    adapter_folder: Path | None = None,
 ) -> dict:
-    """What made this adapter: resolved settings, dataset version, lineage given by the caller, versions."""
+    """What made this adapter: resolved settings, the adapter method as trained (read from the saved
+    adapter in `adapter_folder`: AdaLoRA's final ranks), dataset version, lineage given by the
+    caller, versions."""
     import importlib.metadata
     import platform
 
@@ -628,6 +738,7 @@ def training_record(
     dataset = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     return {
         "training": training.model_dump(mode="json"),
+        "adapter": adapter_record(training, adapter_folder),
         "runtime": result.runtime,
         "packing": {"enabled": pack_to is not None, "row_tokens": pack_to},
         "dataset_version": dataset.get("version", Path(dataset_dir).name),

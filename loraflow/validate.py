@@ -1,8 +1,8 @@
 """Validation: each raw row of a partition becomes a valid example or a quarantined row with a reason.
 
-Every schema (alpaca, chat, ShareGPT, completion) is normalized in one DuckDB query to the same
-shape: a list of chat messages (role, content), or a plain text for completion. The first rule a
-row breaks is its reason; the quarantine keeps the original record, so nothing is lost. Per
+Every schema (alpaca, chat, ShareGPT, completion, preference) is normalized in one DuckDB query to
+the same shape: a list of chat messages (role, content), or a plain text for completion. The first
+rule a row breaks is its reason; the quarantine keeps the original record, so nothing is lost. Per
 partition, raw rows = valid rows + quarantined rows, always.
 
 Normalization rules, in one place:
@@ -13,6 +13,20 @@ Normalization rules, in one place:
   `from` human/user -> user, gpt/assistant/chatgpt/bard/model -> assistant, system -> system.
   A conversation must have a user turn and end with an assistant turn.
 - completion: `text`, trained as a whole.
+- preference: a prompt and two continuations, `chosen` and `rejected`, parsed by a Python function
+  the query calls (loraflow/preference.py states the accepted shapes: texts, message lists,
+  hh-rlhf "\n\nHuman: ... \n\nAssistant: ..." transcripts, whole dialogues without a prompt).
+  `messages` holds prompt + chosen (an ordinary conversation), `rejected` the rejected continuation's
+  messages, `prompt_turns` how many leading messages of `messages` are the prompt. Each row is judged
+  by the chat rules on all its turns: roles, a user turn in the prompt, each continuation ending in
+  an answer, empty texts, lengths (the prompt; every answer of either continuation), control
+  characters and PII (the rejected side is scanned and redacted too); max_tokens counts the prompt
+  with the longer continuation. A pair whose continuations are equal is `identical_pair`.
+
+Storage: `validated_examples` has one row per example; `rejected` and `prompt_turns` are null except
+for preference rows. The example hash is sha256(messages || chr(0) || text), nulls as empty texts,
+and for preference rows sha256(messages || chr(0) || chr(0) || rejected): a pair is the same example
+only with the same rejected side.
 
 Duplicates: within a file, the first copy (lowest record index) is kept and the others are
 quarantined (`duplicate`). Across files, the views `<pipeline>.examples` and
@@ -22,14 +36,17 @@ views are computed when read, so the rule holds whatever order files are re-inge
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import duckdb
 import pyarrow as pa
 
 from loraflow.ingest import RAW_TABLE, ensure_raw_table, replacing_rows
+from loraflow.preference import PairProblem, parse_pair
 from loraflow.spec import QualitySpec, SourceSpec
 
 VALID_TABLE = "validated_examples"
@@ -47,9 +64,13 @@ REASONS: dict[str, str] = {
     "not_an_object": "the record is JSON but not an object",
     "missing_field": "a required field is missing (detail names it)",
     "wrong_type": "a field has the wrong type (detail names it)",
+    "unparseable_dialogue": "a preference record's dialogue cannot be split into turns: a transcript without "
+    "Human:/Assistant: markers, with text before the first or turns not alternating, a prompt without turns, "
+    "or chosen and rejected without a shared opening user turn (detail says which)",
     "bad_conversation": "a conversation with an unknown role, no user turn, or not ending in an answer",
     "empty_prompt": "the prompt (instruction and input, or a user/system turn) is empty",
-    "empty_response": "an answer is empty",
+    "empty_response": "an answer is empty, or a preference continuation has no turn",
+    "identical_pair": "the chosen and rejected continuations of a preference pair are the same",
     "control_characters": "the text holds control characters other than tab and newline",
     "prompt_too_long": "the prompt is longer than quality.max_prompt_chars",
     "response_too_long": "the answer is longer than quality.max_response_chars",
@@ -94,7 +115,36 @@ SCHEMA_KEYS = {
     "chat": ("messages",),
     "sharegpt": ("conversations",),
     "completion": ("text",),
+    "preference": ("chosen", "rejected"),
 }
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+"""A preference record's fields, in the order the pair parser takes them."""
+PAIR_FUNCTION = "loraflow_preference_pair"
+"""The DuckDB name of the Python function that parses preference records during validation."""
+PAIR_TYPE = pa.struct(
+    [
+        ("missing", pa.string()),
+        ("wrong", pa.string()),
+        ("unparseable", pa.string()),
+        ("identical", pa.bool_()),
+        ("roles", pa.list_(pa.string())),
+        ("contents", pa.list_(pa.large_string())),  # 64-bit offsets: a batch of fields of MBs fits
+        ("prompt_turns", pa.int32()),
+        ("chosen_turns", pa.int32()),
+    ]
+)
+"""What the pair parser returns per record: a problem (missing/wrong/unparseable detail), or the
+prompt's, chosen's and rejected's turns in one list (prompt_turns + chosen_turns + the rest)."""
+PAIR_PROBLEM_FIELDS = {
+    "missing_field": "missing",
+    "wrong_type": "wrong",
+    "unparseable_dialogue": "unparseable",
+}
+"""The PAIR_TYPE field that carries each parse problem's detail."""
+PAIR_SQL_TYPE = (
+    "STRUCT(missing VARCHAR, wrong VARCHAR, unparseable VARCHAR, identical BOOLEAN, roles VARCHAR[], "
+    "contents VARCHAR[], prompt_turns INTEGER, chosen_turns INTEGER)"
+)
 NO_SCHEMA = "none"
 """The schema of a partition that holds no JSON object at all."""
 
@@ -125,7 +175,8 @@ class ValidationResult:
 
 
 def ensure_tables(con: duckdb.DuckDBPyConnection, pipeline: str) -> None:
-    """Create the validated and quarantine tables and the cross-file views if missing."""
+    """Create the validated and quarantine tables and the cross-file views if missing, and add the
+    preference columns to a validated table made before them."""
     ensure_raw_table(con, pipeline)
     con.execute(
         f"""
@@ -138,10 +189,15 @@ def ensure_tables(con: duckdb.DuckDBPyConnection, pipeline: str) -> None:
             messages VARCHAR,
             text VARCHAR,
             example_hash VARCHAR NOT NULL,
-            ingested_at TIMESTAMP NOT NULL
+            ingested_at TIMESTAMP NOT NULL,
+            rejected VARCHAR,
+            prompt_turns INTEGER
         )
         """
     )
+    # warehouses made before preference data: the views below must be made after, to include them
+    for column, kind in (("rejected", "VARCHAR"), ("prompt_turns", "INTEGER")):
+        con.execute(f'ALTER TABLE "{pipeline}".{VALID_TABLE} ADD COLUMN IF NOT EXISTS {column} {kind}')
     con.execute(
         f"""
         CREATE TABLE IF NOT EXISTS "{pipeline}".{QUARANTINE_TABLE} (
@@ -328,6 +384,21 @@ def _fields_sql(schema: str, source: SourceSpec) -> str:
                          THEN json_extract_string(doc, {contents_path}) END AS raw_contents
                 FROM objects)
         """
+    if schema == "preference":
+        paths = ", ".join(_path(source.column(f)) for f in PAIR_FIELDS)
+        args = ", ".join([f"types[{i}]" for i in (1, 2, 3)] + [f"vals[{i}]" for i in (1, 2, 3)])
+        # the fields' types and texts in one parse each, as for alpaca; a list arrives as its JSON text
+        return f"""
+            SELECT * EXCLUDE (types, vals, pair),
+                pair.missing AS missing, pair.wrong AS wrong, pair.unparseable AS unparseable,
+                pair.identical AS identical, pair.roles AS roles, pair.contents AS contents,
+                pair.prompt_turns AS prompt_turns, pair.chosen_turns AS chosen_turns
+            FROM (
+                SELECT *, CASE WHEN is_object THEN {PAIR_FUNCTION}({args}) END AS pair
+                FROM (SELECT *, CASE WHEN is_object THEN json_type(doc, [{paths}]) END AS types,
+                             CASE WHEN is_object THEN json_extract_string(doc, [{paths}]) END AS vals
+                      FROM objects))
+        """
     if schema == NO_SCHEMA:  # no row is an object: the reasons before the fields' decide every row
         return """
             SELECT *, NULL::VARCHAR AS missing, NULL::VARCHAR AS wrong, []::VARCHAR[] AS roles,
@@ -353,12 +424,18 @@ def _redact_sql(expression: str, quality: QualitySpec) -> str:
     return expression
 
 
+def _messages_sql(pairs: str) -> str:
+    """JSON of a list of (role, content) as chat messages, [{"role": ..., "content": ...}, ...]."""
+    return f"to_json(list_transform({pairs}, lambda x: {{'role': x[1], 'content': x[2]}}))::VARCHAR"
+
+
 def _classified_sql(pipeline: str, schema: str, source: SourceSpec, quality: QualitySpec) -> str:
     """One partition's raw rows with the normalized example, its hash, prompt/response and a first reason.
 
     Duplicates are marked afterwards (`_mark_duplicates`), which is cheaper than a window over every row.
     """
     conversation = schema in ("chat", "sharegpt")
+    pair = schema == "preference"
     pii_on = quality.pii.action != "off" and quality.pii.kinds
     contents = "original"
     if quality.pii.action == "redact" and pii_on:
@@ -376,12 +453,38 @@ def _classified_sql(pipeline: str, schema: str, source: SourceSpec, quality: Qua
         if conversation
         else "false"
     )
+    # a preference row's turns are prompt, chosen, rejected in one list; chosen ends at chosen_end
+    chosen_end = "prompt_turns + chosen_turns"
+    if pair:
+        bad_conversation = (
+            "NOT list_bool_and(list_transform(roles, lambda r: r IN ('system', 'user', 'assistant')))"
+            " OR NOT list_contains(roles[1:prompt_turns], 'user')"
+            f" OR (chosen_turns > 0 AND roles[{chosen_end}] <> 'assistant')"
+            f" OR (len(roles) > {chosen_end} AND roles[-1] <> 'assistant')"
+        )
+    response_too_long = f"length(response) > {quality.max_response_chars}"
     if schema == "completion":
         prompt, response = "NULL::VARCHAR", "contents[1]"  # no prompt: the data checks skip it
         empty_prompt, empty_response = "false", "coalesce(contents[1], '') = ''"
     elif schema == "alpaca":
         prompt, response = "contents[1]", "contents[2]"
         empty_prompt, empty_response = "contents[1] = ''", "contents[2] = ''"
+    elif pair:
+        prompt = "array_to_string(contents[1:prompt_turns], chr(10))"
+        response = f"CASE WHEN chosen_turns > 0 THEN contents[{chosen_end}] ELSE '' END"  # the chosen answer
+        empty_prompt = (
+            "len(list_filter(list_zip(roles, contents), lambda x: x[1] <> 'assistant' AND x[2] = '')) > 0"
+            " OR array_to_string(contents[1:prompt_turns], '') = ''"
+        )
+        empty_response = (
+            f"chosen_turns = 0 OR len(contents) = {chosen_end}"
+            " OR len(list_filter(list_zip(roles, contents), lambda x: x[1] = 'assistant' AND x[2] = '')) > 0"
+        )
+        # every answer of either continuation, not only the chosen one the data checks see
+        response_too_long = (
+            "list_max(list_transform(list_filter(list_zip(roles, contents)[prompt_turns + 1:],"
+            f" lambda x: x[1] = 'assistant'), lambda x: length(x[2]))) > {quality.max_response_chars}"
+        )
     else:
         prompt = "array_to_string(contents[1:len(contents) - 1], chr(10))"
         response = "contents[-1]"
@@ -400,9 +503,38 @@ def _classified_sql(pipeline: str, schema: str, source: SourceSpec, quality: Qua
             """'[{"role":"user","content":' || to_json(contents[1]) || '},{"role":"assistant","content":' """
             """|| to_json(contents[2]) || '}]'"""
         )
+    elif pair:
+        messages = _messages_sql(f"list_zip(roles, contents)[1:{chosen_end}]")
     else:
         messages = "to_json(list_transform(list_zip(roles, contents), lambda x: {'role': x[1], 'content': x[2]}))::VARCHAR"
     text = "contents[1]" if schema == "completion" else "NULL::VARCHAR"
+    parsed = "is_object AND missing IS NULL AND wrong IS NULL"
+    shaped_pair, pair_columns = (
+        "",
+        "NULL::VARCHAR AS rejected, NULL::INTEGER AS prompt_turns, NULL::VARCHAR[] AS token_texts",
+    )
+    hashed = "coalesce(messages, '') || chr(0) || coalesce(text, '')"
+    parse_reason = pair_reason = ""
+    detailed = "'missing_field', 'wrong_type', 'pii'"
+    reason_detail = "coalesce(missing, wrong, pii)"
+    if pair:
+        parsed += " AND unparseable IS NULL"
+        # the token limit counts the prompt with each continuation: the longer one decides
+        token_texts = (
+            f"[array_to_string(contents[1:{chosen_end}], chr(10)),"
+            f" array_to_string(list_concat(contents[1:prompt_turns], contents[{chosen_end} + 1:]), chr(10))]"
+            if quality.max_tokens is not None
+            else "NULL::VARCHAR[]"
+        )
+        shaped_pair = f"""
+            CASE WHEN within_limits THEN {_messages_sql(f"list_zip(roles, contents)[{chosen_end} + 1:]")} END AS rejected,
+            CASE WHEN within_limits THEN {token_texts} END AS token_texts,"""
+        pair_columns = "rejected, prompt_turns, token_texts"
+        hashed += " || chr(0) || coalesce(rejected, '')"
+        parse_reason = "WHEN unparseable IS NOT NULL THEN 'unparseable_dialogue'"
+        pair_reason = "WHEN identical THEN 'identical_pair'"
+        detailed += ", 'unparseable_dialogue'"
+        reason_detail = "coalesce(missing, wrong, unparseable, pii)"
     # One pass of a union of every pattern finds the rare rows worth a closer look.
     suspicious = [CONTROL_CHARACTERS] if quality.reject_control_characters else []
     if quality.pii.action == "reject" and pii_on:
@@ -434,7 +566,7 @@ def _classified_sql(pipeline: str, schema: str, source: SourceSpec, quality: Qua
     fields AS ({_fields_sql(schema, source)}),
     usable AS (
         SELECT * EXCLUDE (contents, doc), contents AS original,
-               is_object AND missing IS NULL AND wrong IS NULL AS parsed
+               {parsed} AS parsed
         FROM fields
     ),
     normalized AS (
@@ -443,7 +575,7 @@ def _classified_sql(pipeline: str, schema: str, source: SourceSpec, quality: Qua
     sized AS (
         SELECT *,
             coalesce(length(prompt) > {quality.max_prompt_chars}, false) AS prompt_too_long,
-            coalesce(length(response) > {quality.max_response_chars}, false) AS response_too_long
+            coalesce({response_too_long}, false) AS response_too_long
         FROM (
             SELECT *,
                 CASE WHEN parsed THEN {prompt} END AS prompt,
@@ -454,7 +586,7 @@ def _classified_sql(pipeline: str, schema: str, source: SourceSpec, quality: Qua
     shaped AS (
         -- a row over the length limits is quarantined for that: the costly rest (its JSON, hash and
         -- pattern scans, each a copy of a text that may be tens of MB) is skipped for it
-        SELECT *,
+        SELECT *,{shaped_pair}
             CASE WHEN within_limits THEN {messages} END AS messages,
             CASE WHEN within_limits THEN {text} END AS text,
             CASE WHEN within_limits THEN array_to_string(contents, chr(10)) END AS all_text
@@ -473,15 +605,17 @@ def _classified_sql(pipeline: str, schema: str, source: SourceSpec, quality: Qua
                 WHEN NOT is_object THEN 'not_an_object'
                 WHEN missing IS NOT NULL THEN 'missing_field'
                 WHEN wrong IS NOT NULL THEN 'wrong_type'
+                {parse_reason}
                 WHEN {bad_conversation} THEN 'bad_conversation'
                 WHEN {empty_prompt} THEN 'empty_prompt'
                 WHEN {empty_response} THEN 'empty_response'
+                {pair_reason}
                 WHEN prompt_too_long THEN 'prompt_too_long'
                 WHEN response_too_long THEN 'response_too_long'
                 WHEN {control} THEN 'control_characters'
                 WHEN pii IS NOT NULL THEN 'pii'
             END AS reason,
-            coalesce(missing, wrong, pii) AS reason_detail,
+            {reason_detail} AS reason_detail,
             {
         "within_limits AND all_text IS DISTINCT FROM array_to_string(original, chr(10))"
         if contents != "original"
@@ -494,11 +628,72 @@ def _classified_sql(pipeline: str, schema: str, source: SourceSpec, quality: Qua
         left(prompt, {quality.max_prompt_chars + 1}) AS prompt,
         left(response, {quality.max_response_chars + 1}) AS response,
         CASE WHEN messages IS NOT NULL OR text IS NOT NULL
-             THEN sha256(coalesce(messages, '') || chr(0) || coalesce(text, '')) END AS example_hash,
+             THEN sha256({hashed}) END AS example_hash,
         redacted, reason,
-        CASE WHEN reason IN ('missing_field', 'wrong_type', 'pii') THEN reason_detail END AS detail
+        CASE WHEN reason IN ({detailed}) THEN reason_detail END AS detail,
+        {pair_columns}
     FROM judged
     """
+
+
+def _pair_parser(source: SourceSpec) -> Callable[..., pa.Array]:
+    """The DuckDB function (Arrow, a batch at a time) that parses preference records with
+    loraflow/preference.py: the three fields' JSON types, then their texts (a list as its JSON
+    text) in, PAIR_TYPE out. Keys are the file's own names (the source's `columns`)."""
+    keys = tuple(source.column(f) for f in PAIR_FIELDS)
+
+    def parse(types: tuple, values: tuple) -> dict:
+        record = {}
+        for key, kind, value in zip(keys, types, values, strict=True):
+            if kind == "ARRAY":
+                try:
+                    record[key] = json.loads(value)
+                except (ValueError, RecursionError):  # deeper than Python's parser goes: not messages
+                    return {"wrong": f"{key}[]"}
+            elif kind in ("VARCHAR", "NULL"):
+                record[key] = value
+            elif kind is not None:  # a number, boolean or object: any stand-in of that kind is the wrong type
+                record[key] = {"json_type": kind}
+        pair = parse_pair(record, *keys, allow_identical=True)  # validation orders identical_pair itself
+        if isinstance(pair, PairProblem):
+            return {PAIR_PROBLEM_FIELDS[pair.reason]: pair.detail}
+        turns = pair.prompt + pair.chosen + pair.rejected
+        return {
+            "identical": pair.identical,
+            "roles": [t["role"] for t in turns],
+            "contents": [t["content"] for t in turns],
+            "prompt_turns": len(pair.prompt),
+            "chosen_turns": len(pair.chosen),
+        }
+
+    # DuckDB counts the parameters: one per column, no *args
+    def parse_batch(prompt_type, chosen_type, rejected_type, prompt, chosen, rejected) -> pa.Array:
+        types = zip(*(c.to_pylist() for c in (prompt_type, chosen_type, rejected_type)), strict=True)
+        values = zip(*(c.to_pylist() for c in (prompt, chosen, rejected)), strict=True)
+        return pa.array([parse(t, v) for t, v in zip(types, values, strict=True)], type=PAIR_TYPE)
+
+    return parse_batch
+
+
+@contextlib.contextmanager
+def _pair_parser_registered(con: duckdb.DuckDBPyConnection, source: SourceSpec) -> Iterator[None]:
+    """The pair parser callable in `con` for one query, with texts passed to it in Arrow's 64-bit
+    buffers (a batch of long records can hold more than the 2 GB of a 32-bit one)."""
+    large = con.execute("SELECT current_setting('arrow_large_buffer_size')").fetchall()[0][0]
+    con.create_function(
+        PAIR_FUNCTION,
+        _pair_parser(source),
+        ["VARCHAR"] * 6,
+        PAIR_SQL_TYPE,
+        type="arrow",
+        null_handling="special",  # an absent field's NULL type is information, not a null result
+    )
+    try:
+        con.execute("SET arrow_large_buffer_size = true")
+        yield
+    finally:
+        con.execute(f"SET arrow_large_buffer_size = {str(large).lower()}")
+        con.remove_function(PAIR_FUNCTION)
 
 
 def _mark_duplicates(con: duckdb.DuckDBPyConnection) -> None:
@@ -531,10 +726,12 @@ def validate_partition(
     """
     ensure_tables(con, pipeline)
     schema = detect_schema(con, pipeline, partition, source, quality.max_record_chars)
-    con.execute(
-        "CREATE OR REPLACE TEMP TABLE classified AS " + _classified_sql(pipeline, schema, source, quality),
-        {"partition": partition},
-    )
+    with _pair_parser_registered(con, source) if schema == "preference" else contextlib.nullcontext():
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE classified AS "
+            + _classified_sql(pipeline, schema, source, quality),
+            {"partition": partition},
+        )
     _mark_duplicates(con)
     if quality.max_tokens is not None:
         if tokenizer is None:
@@ -545,15 +742,18 @@ def validate_partition(
             con.execute(f'DELETE FROM "{pipeline}".{table} WHERE partition = ?', [partition])
         con.execute(
             f"""
-            INSERT INTO "{pipeline}".{VALID_TABLE}
-            SELECT partition, source_file, record_index, sub_index, ?, messages, text, example_hash, ingested_at
+            INSERT INTO "{pipeline}".{VALID_TABLE} (partition, source_file, record_index, sub_index, schema,
+                messages, text, example_hash, ingested_at, rejected, prompt_turns)
+            SELECT partition, source_file, record_index, sub_index, ?, messages, text, example_hash, ingested_at,
+                rejected, prompt_turns
             FROM classified WHERE reason IS NULL
             """,
             [schema],
         )
         con.execute(
             f"""
-            INSERT INTO "{pipeline}".{QUARANTINE_TABLE}
+            INSERT INTO "{pipeline}".{QUARANTINE_TABLE} (partition, source_file, record_index, sub_index, reason,
+                detail, record, quarantined_at)
             SELECT c.partition, c.source_file, c.record_index, c.sub_index, c.reason, c.detail, r.record,
                    now()::TIMESTAMP
             FROM classified c JOIN "{pipeline}".{RAW_TABLE} r
@@ -583,19 +783,23 @@ def _mark_too_many_tokens(con: duckdb.DuckDBPyConnection, tokenizer, max_tokens:
     """Count tokens of the rows still valid and mark those over the limit `too_many_tokens`.
 
     Only rows within the character limits are still valid, so no oversized text is tokenized; they
-    are read in batches, so the partition's texts are never all in memory at once.
+    are read in batches, so the partition's texts are never all in memory at once. A preference row
+    has two texts (`token_texts`: the prompt with each continuation); the longer one counts.
     """
     batches = con.execute(
-        "SELECT record_index, sub_index, coalesce(prompt, '') || chr(10) || coalesce(response, '') AS text "
+        "SELECT record_index, sub_index, token_texts, CASE WHEN token_texts IS NULL "
+        "THEN coalesce(prompt, '') || chr(10) || coalesce(response, '') END AS text "
         "FROM classified WHERE reason IS NULL"
     ).to_arrow_reader(2048)
     over_index, over_sub = [], []
     for batch in batches:
-        texts = batch.column("text").to_pylist()
-        lengths = tokenizer(texts, add_special_tokens=False, return_length=True)["length"]
+        texts, pairs = batch.column("text").to_pylist(), batch.column("token_texts").to_pylist()
+        per_row = [pair or [text] for text, pair in zip(texts, pairs, strict=True)]
+        flat = [text for row in per_row for text in row]
+        lengths = iter(tokenizer(flat, add_special_tokens=False, return_length=True)["length"])
         indices, subs = batch.column("record_index").to_pylist(), batch.column("sub_index").to_pylist()
-        for index, sub, length in zip(indices, subs, lengths, strict=True):
-            if length > max_tokens:
+        for index, sub, texts in zip(indices, subs, per_row, strict=True):
+            if max(next(lengths) for _ in texts) > max_tokens:
                 over_index.append(index)
                 over_sub.append(sub)
     if not over_index:

@@ -37,7 +37,28 @@ def load_pipelines(folder: Path) -> list[PipelineSpec]:
             f"{len(errors)} pipeline file(s) in {folder} cannot be loaded; fix them and reload:\n\n"
             + "\n\n".join(str(e) for e in errors)
         )
+    check_starts(specs, folder)
     return specs
+
+
+def check_starts(specs: list[PipelineSpec], folder: Path) -> None:
+    """Every `training.start_from` names a pipeline of the same code location, and no chain of them
+    comes back to where it started."""
+    names = {spec.name: spec for spec in specs}
+    for spec in specs:
+        seen, name = [spec.name], spec.training.start_from
+        while name is not None:
+            if name not in names:
+                raise SpecError(
+                    f"pipeline {spec.name!r}: training.start_from {name!r} is not a pipeline in {folder} "
+                    f"(there are: {', '.join(sorted(names))}); name one of them, or remove start_from"
+                )
+            if name in seen:
+                raise SpecError(
+                    f"pipeline {spec.name!r}: training.start_from goes round in a circle ({' -> '.join([*seen, name])})"
+                )
+            seen.append(name)
+            name = names[name].training.start_from
 
 
 def pipeline_resources(home: Path) -> dict:
@@ -59,6 +80,8 @@ def build_definitions(pipelines_dir: Path, home: Path) -> Definitions:
 def project_definitions(home: Path) -> Definitions:
     """The project's own code location: Dagster's component loader over pipelines/defs."""
     defs = load_from_defs_folder(path_within_project=PROJECT_ROOT)
+    folder = PROJECT_ROOT / "pipelines" / "defs"
+    check_starts(load_specs(folder)[0], folder)
     return Definitions.merge(defs, Definitions(resources=pipeline_resources(home)))
 
 

@@ -98,6 +98,25 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     return folder
 
 
+def autograd_saved_bytes(model, forward) -> int:
+    """Bytes autograd keeps for the backward pass while `forward()` runs, the model's parameters
+    excluded: what the planner's activation terms estimate. The model must be in training mode."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        forward()
+    return sum(saved.values())
+
+
 @pytest.fixture
 def project(tmp_path) -> Path:
     """An empty project folder with a pipelines/ folder and a data/ folder."""

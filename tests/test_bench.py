@@ -48,6 +48,14 @@ def test_the_training_benchmark_runs_every_variant_in_its_quick_mode(builtin_mod
     assert lines[-1].startswith("best: ") and "x baseline, MFU " in lines[-1] and "x trl (" in lines[-1]
 
 
+def test_the_adapter_benchmark_trains_every_method_and_objective_in_its_quick_mode(builtin_model, store_root):
+    lines = quick("adapters.py", "--store", str(store_root))
+    for variant in ("lora sft", "adalora sft", "ia3 sft", "prefix sft", "lora dpo", "lora orpo"):
+        (row,) = [line for line in lines if line.strip().startswith(variant + " ")]
+        assert row.endswith("x") and " GiB " in row, row
+    assert lines[-1] == "adapters: 6 variants trained"
+
+
 def test_the_ingestion_benchmark_checks_every_planted_row_in_its_quick_mode():
     lines = quick("ingest.py")
     assert "rows:           20,000 (seed 0), 5% planted bad" in lines

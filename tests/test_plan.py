@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import write_yaml
+from conftest import autograd_saved_bytes, write_yaml
 
 from loraflow.plan import (
     NAMED_SHAPES,
@@ -80,21 +80,12 @@ def _saved_bytes(
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=targets)
     model = get_peft_model(model, config).get_base_model()
     model.train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def keep(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
     ids = torch.randint(0, 256, (2, 48))
     mask = torch.ones_like(ids)
     mask[0, 40:] = 0
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        model.model(input_ids=ids, attention_mask=mask if padded else None)
-    return sum(saved.values())
+    return autograd_saved_bytes(
+        model, lambda: model.model(input_ids=ids, attention_mask=mask if padded else None)
+    )
 
 
 @pytest.mark.parametrize(

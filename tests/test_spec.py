@@ -95,6 +95,30 @@ def test_lora_with_quantization_on_is_a_contradiction(project):
         load_spec(write_yaml(project / "pipelines", "triage", text))
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "training:\n  adapter: prefix\npublish:\n  exports: [safetensors, gguf]\n",
+            "a prefix adapter cannot be merged",
+        ),
+        ("training:\n  adapter: prefix\nformat:\n  packing: true\n", "which a prefix shared by the whole"),
+        ("training:\n  objective: dpo\nformat:\n  packing: true\n", "format.packing is for SFT rows"),
+        ("training:\n  adapter: ia3\n  lora: {use_dora: true}\n", "lora.use_dora is a LoRA variant"),
+        ("training:\n  adapter: adalora\n  adalora: {init_r: 4, target_r: 8}\n", "must not exceed init_r"),
+    ],
+)
+def test_adapter_methods_and_objectives_refuse_what_they_cannot_do(project, text, message):
+    with pytest.raises(SpecError, match=message):
+        load_spec(write_yaml(project / "pipelines", "triage", MINIMAL + text))
+
+
+def test_a_preference_objective_refuses_a_source_of_another_format(project):
+    text = "data:\n  sources:\n    - {path: data/*.jsonl, format: alpaca}\ntraining:\n  objective: orpo\n"
+    with pytest.raises(SpecError, match="trains on chosen/rejected pairs, but a source has format 'alpaca'"):
+        load_spec(write_yaml(project / "pipelines", "triage", text))
+
+
 def test_a_record_limit_below_the_field_limits_is_a_contradiction(project):
     text = MINIMAL + "quality:\n  max_prompt_chars: 8000\n  max_record_chars: 10000\n"
     with pytest.raises(

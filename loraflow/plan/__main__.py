@@ -48,7 +48,13 @@ def pipeline_report(args: argparse.Namespace) -> str:
             "- dataset: none built yet; the estimate assumes rows of format.max_seq_len with every token trained"
         )
     estimate = estimate_for_spec(spec, model_dir, dataset_dir, device=device)
-    out += [f"- settings: {estimate.setup.describe()}", "", estimate.table("GiB"), ""]
+    out.append(f"- settings: {estimate.setup.describe()}")
+    if spec.training.start_from:
+        out.append(
+            f"- start_from {spec.training.start_from}: that adapter's method and shape decide what trains; the "
+            "estimate assumes they are this pipeline's training.adapter settings"
+        )
+    out += ["", estimate.table("GiB"), ""]
     if device == "cpu":
         free = FreeMemory(available_system_memory(), "this machine (MemAvailable)")
     else:

@@ -10,6 +10,14 @@ average for a causal model):
                                      forward 2·N; backward 2·N for the input gradients only: frozen
                                      weights get no weight gradients; the adapters train in full
     checkpointing adds one more forward of the layers: + 2·N + A (+ 2·Na)
+    DPO's reference  + 2·N + 2·H + A   a forward without gradients of the model with its adapter
+                                     disabled, on every position (TRL's DPO and ORPO run the head
+                                     on every position: f = 1)
+
+Na counts the adapter weights that are matrix products on every token (LoRA's and AdaLoRA's, at
+init_r); IA3's vectors are elementwise and a prefix is looked up once per sequence, so theirs
+count 0. A prefix of P virtual tokens makes every query attend to P more keys: c = seq_len/2 + P.
+Preference pairs: the tokens are both sequences' (the dataset's train_tokens counts both).
 
 Attention has no weights, so its backward (2·A: gradients for both operands of both matrix
 products) is the same whether the weights train or not. Time divides the hardware FLOPs (with the
@@ -23,7 +31,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraflow.plan.memory import Setup, adapter_params
+from loraflow.plan.memory import Setup, adapter_matmul_params
 from loraflow.plan.shapes import ModelShape, PlanError
 
 QLORA_THROUGHPUT = 0.75
@@ -96,12 +104,14 @@ def flops_per_token(shape: ModelShape, setup: Setup) -> Flops:
     """FLOPs per token of a training step (see the module docstring for the formulas)."""
     n = shape.quantizable_params
     head = shape.vocab_size * shape.hidden_size * setup.trained_fraction
-    attention = 4 * shape.num_layers * shape.q_dim * setup.seq_len / 2
+    attention = 4 * shape.num_layers * shape.q_dim * (setup.seq_len / 2 + setup.prefix)
     if setup.method == "full":
         model, lora = 6 * n + 6 * head + 3 * attention, 0
     else:
-        lora = adapter_params(shape, setup)
+        lora = adapter_matmul_params(shape, setup)
         model = 4 * n + 4 * head + 3 * attention + 6 * lora
+    if setup.objective == "dpo":  # the reference: a forward without the adapter
+        model += 2 * n + 2 * shape.vocab_size * shape.hidden_size + attention
     recompute = (2 * n + attention + 2 * lora) if setup.gradient_checkpointing else 0
     return Flops(model=model, hardware=model + recompute)
 

@@ -39,6 +39,32 @@ has the same size; its pages can move to CPU memory under pressure, but the plan
 on the device.
 
 Activations: see `layer_activation_terms` for the derivation, one decoder layer at a time.
+
+Adapter methods (`Setup.adapter`; Na counted by `adapter_tensor_sizes`, checked against PEFT's own
+models in tests/test_adapters.py):
+
+    lora      r·(in + out) per adapted layer (+ out with DoRA)
+    adalora   init_r·(in + out) + init_r (the singular values E) per adapted layer: the budget
+              shrinks to target_r during training, but PEFT masks pruned ranks to zero and keeps
+              every layer allocated at init_r; the rank allocator adds three fp32 tensors per
+              adapter weight (|w·grad|, its moving average and the uncertainty's), 3·a·Na bytes.
+              Activations as LoRA at r = init_r.
+    ia3       one vector per target layer: its output width, or its input width for a feed-forward
+              one (`ia3_feedforward`). It keeps the layer's output (its input for a feed-forward
+              one) for the vector's gradient; no dropout, no matrix products of its own.
+    prefix    num_virtual_tokens x layers x 2 x kv width (key-value heads x head_dim), or with the
+              reparametrization MLP (trained, dropped after training) P·kv + kv·H + H + H·(2·layers·kv)
+              + 2·layers·kv. Every layer's keys and values are P longer, so attention keeps P more
+              keys and values per sequence (repeated to every head when sdpa needs them repeated) and
+              a mask P wider.
+
+Objectives (`Setup.objective`): `dpo` and `orpo` train on pairs, and TRL puts a batch's chosen and
+rejected sequences in one forward, so every example is two sequences (the activations of 2 x
+batch_size sequences) and TRL runs the output head on every position. DPO's reference is the model
+with the adapter disabled (PEFT: no second model in memory); its forward runs without gradients
+before the policy's and keeps one log-probability per sequence, so it adds no bytes at the peak
+(its logits are freed before the policy's forward), only a forward's FLOPs. A DPO that starts from
+another adapter (`start_from`) keeps a frozen copy of that adapter as the reference (Na·a bytes).
 """
 
 from __future__ import annotations
@@ -50,6 +76,8 @@ from typing import Literal
 from loraflow.plan.shapes import LINEAR_MODULES, ModelShape, PlanError
 
 Method = Literal["full", "lora", "qlora"]
+Adapter = Literal["lora", "adalora", "ia3", "prefix"]
+Objective = Literal["sft", "dpo", "orpo"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]
 Category = Literal["weights", "lora", "gradients", "optimizer", "activations", "overhead"]
 Phase = Literal["always", "backward", "step", "backward+step"]
@@ -143,11 +171,32 @@ class Setup:
     """Modules trained in full beside the adapters (`lm_head`, `embed_tokens`): PEFT trains a copy
     of each, counted at vocab x hidden fp32 weights, gradients and AdamW moments."""
 
+    adapter: Adapter = "lora"
+    """The PEFT method (module docstring): `lora`; `adalora` (counted at init_r, in `lora_r`, on
+    `target_modules`); `ia3` (a vector on each of `target_modules`); `prefix` (`prefix_tokens`
+    key/value vectors per layer; `target_modules` empty)."""
+
+    ia3_feedforward: tuple[str, ...] = ("down_proj",)
+    """IA3: which of target_modules scale their input (feed-forward layers) rather than their output."""
+
+    prefix_tokens: int = 20
+    """Prefix tuning: virtual tokens (key/value pairs) before every sequence, in every layer."""
+
+    prefix_projection: int | None = None
+    """Prefix tuning: the hidden width of the MLP the prefix is learned through, or None without one."""
+
+    objective: Objective = "sft"
+    """`sft`, or `dpo` / `orpo` on pairs: each example is two sequences in one forward (module
+    docstring), and DPO adds a reference forward without gradients."""
+
+    reference_adapter: bool = False
+    """DPO from another adapter: TRL keeps a frozen copy of it as the reference."""
+
     optimizer: Optimizer = "adamw"
     """`adamw` (fp32 moments), `adamw_8bit` or `paged_adamw_8bit` (bitsandbytes 8-bit moments)."""
 
     batch_size: int = 1
-    """Sequences (or packed rows) per forward pass."""
+    """Examples (or packed rows) per forward pass; a preference pair is two sequences."""
 
     seq_len: int = 512
     """Tokens per sequence: the longest example of a padded batch, or the packed row length."""
@@ -184,15 +233,26 @@ class Setup:
         return self.base_bits or 8 * DTYPE_BYTES[self.dtype]
 
     @property
+    def sequences(self) -> int:
+        """Sequences per forward pass: batch_size, twice that for preference pairs."""
+        return self.batch_size * (1 if self.objective == "sft" else 2)
+
+    @property
     def tokens(self) -> int:
-        """Tokens per forward pass: batch_size x seq_len."""
-        return self.batch_size * self.seq_len
+        """Tokens per forward pass: sequences x seq_len."""
+        return self.sequences * self.seq_len
+
+    @property
+    def prefix(self) -> int:
+        """Virtual tokens before every sequence (prefix tuning), else 0."""
+        return self.prefix_tokens if self.adapter == "prefix" and self.method != "full" else 0
 
     @property
     def masked(self) -> bool:
         """Whether attention gets an explicit mask (padding or packing, except with flash-attention,
-        which takes lengths instead)."""
-        return (self.packing or self.padded) and self.attention != "flash_attention_2"
+        which takes lengths instead). A prefix always does: queries then see more keys than there are
+        queries, which sdpa's causal flag cannot express."""
+        return (self.packing or self.padded or bool(self.prefix)) and self.attention != "flash_attention_2"
 
     def targets(self, shape: ModelShape) -> tuple[str, ...]:
         """The adapted linear layers; a name the planner does not know is an error naming them."""
@@ -209,16 +269,37 @@ class Setup:
         return tuple(m for m in LINEAR_MODULES if m in self.target_modules)
 
     def describe(self) -> str:
-        method = {
-            "full": f"full fine-tuning ({self.dtype} autocast over fp32 weights)"
-            if self.dtype != "float32"
-            else "full fine-tuning (fp32)",
-            "lora": f"LoRA r={self.lora_r} on a {self.bits}-bit base",
-            "qlora": f"QLoRA r={self.lora_r} (NF4{' double-quantized' if self.double_quant else ''})",
-        }[self.method]
-        targets = "" if self.method == "full" else f" on {'/'.join(self.target_modules)}"
+        nf4 = f"NF4{' double-quantized' if self.double_quant else ''}"
+        if self.method == "full":
+            method = (
+                f"full fine-tuning ({self.dtype} autocast over fp32 weights)"
+                if self.dtype != "float32"
+                else "full fine-tuning (fp32)"
+            )
+        elif self.adapter == "lora":
+            method = (
+                f"LoRA r={self.lora_r} on a {self.bits}-bit base"
+                if self.method == "lora"
+                else f"QLoRA r={self.lora_r} ({nf4})"
+            )
+        else:
+            name = {
+                "adalora": f"AdaLoRA init_r={self.lora_r}",
+                "ia3": "IA3",
+                "prefix": f"prefix tuning ({self.prefix_tokens} virtual tokens"
+                + (f", MLP {self.prefix_projection}" if self.prefix_projection else "")
+                + ")",
+            }[self.adapter]
+            method = (
+                f"{name} on a {self.bits}-bit base" if self.method == "lora" else f"{name} on an {nf4} base"
+            )
+        targets = (
+            "" if self.method == "full" or not self.target_modules else f" on {'/'.join(self.target_modules)}"
+        )
+        pairs = f"{self.objective.upper()} on pairs (2 sequences each), " if self.objective != "sft" else ""
         return (
-            f"{method}{targets}, {self.optimizer}, batch {self.batch_size} x {self.seq_len} tokens"
+            f"{pairs}{method}{targets}, {self.optimizer}, batch {self.batch_size}{' pairs' if pairs else ''} x "
+            f"{self.seq_len} tokens"
             f"{', packed' if self.packing else ''}"
             f", gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}, {self.device}"
         )
@@ -389,6 +470,7 @@ def layer_activation_terms(shape: ModelShape, setup: Setup) -> dict[str, float]:
         "MLP input": (h, s, ("gate_proj", "up_proj"), False),
         "MLP product": (i_dim, t, ("down_proj",), False),
     }
+    linears = shape.linears()
     for name, (width, in_bytes, readers, kept_elsewhere) in groups.items():
         if full:
             if in_bytes != compute:  # autocast casts the input once per linear layer
@@ -399,6 +481,15 @@ def layer_activation_terms(shape: ModelShape, setup: Setup) -> dict[str, float]:
         adapted = [m for m in readers if m in targets]
         if not adapted:
             continue
+        if setup.adapter == "ia3":
+            # the vector's gradient needs what it multiplies: the input of a feed-forward layer (cast
+            # to the vector's dtype), the output of the others
+            for m in adapted:
+                if m in setup.ia3_feedforward:
+                    terms[f"{name}: IA3 input of {m}"] = adapter * width
+                else:
+                    terms[f"IA3: output of {m}"] = t * linears[m][1]
+            continue
         if setup.lora_dropout > 0:
             terms[f"{name}: dropped-out copy and mask for {', '.join(adapted)}"] = (
                 len(adapted) * (adapter + mask_byte) * width
@@ -407,17 +498,20 @@ def layer_activation_terms(shape: ModelShape, setup: Setup) -> dict[str, float]:
             terms[f"{name}: fp32 copy for {', '.join(adapted)}"] = len(adapted) * adapter * width
         elif not kept_elsewhere:
             terms[f"{name}, for the adapters of {', '.join(adapted)}"] = in_bytes * width
-    if targets:
+    if targets and setup.adapter in ("lora", "adalora"):
         terms["adapter A outputs (r each)"] = len(targets) * adapter * setup.lora_r
 
     repeat = (setup.masked and shape.num_kv_heads != shape.num_heads) or setup.attention == "eager"
     k_and_v = 2 * t * (q if repeat else kv)
     terms["attention: q, k, v" + (" (k, v repeated to every head)" if repeat else "")] = t * q + k_and_v
+    if setup.prefix:  # P more keys and values per sequence, shared by its seq_len tokens
+        terms[f"prefix: {setup.prefix} keys and values per sequence"] = k_and_v * setup.prefix / setup.seq_len
     terms["attention: output and log-sum-exp"] = t * q + 4 * shape.num_heads
+    keys = setup.seq_len + setup.prefix
     if setup.attention == "eager":
-        terms["attention probabilities (eager)"] = (4 + t) * shape.num_heads * setup.seq_len
+        terms["attention probabilities (eager)"] = (4 + t) * shape.num_heads * keys
     if setup.masked:
-        terms["attention mask, per layer"] = s * setup.seq_len
+        terms["attention mask, per layer"] = s * keys
     terms["MLP: gate output, SiLU output, up output"] = 3 * t * i_dim
     return terms
 
@@ -459,7 +553,7 @@ def _activation_items(shape: ModelShape, setup: Setup) -> tuple[list[Item], int]
     t = compute if full else stream
     h, vocab = shape.hidden_size, shape.vocab_size
     logit_tokens = max(1, round(tokens * setup.trained_fraction))
-    fused = setup.device == "cuda" and not full
+    fused = setup.device == "cuda" and not full and setup.objective == "sft"  # TRL's DPO/ORPO: the whole head
     if fused:  # TRL's tiled head (see above)
         loss_bytes = (
             compute * min(logit_tokens, FUSED_HEAD_TOKENS) * min(vocab, FUSED_HEAD_VOCAB)
@@ -482,7 +576,7 @@ def _activation_items(shape: ModelShape, setup: Setup) -> tuple[list[Item], int]
     loss_tensors_small = 4 * vocab * logit_tokens < GLIBC_MMAP_THRESHOLD_MAX
     if setup.gradient_checkpointing:
         kept = n_layers * stream * h * tokens
-        mask = stream * setup.seq_len * tokens if setup.masked else 0
+        mask = stream * (setup.seq_len + setup.prefix) * tokens if setup.masked else 0
         items.append(
             Item(
                 "activations",
@@ -545,14 +639,45 @@ def _activation_items(shape: ModelShape, setup: Setup) -> tuple[list[Item], int]
 # the whole estimate
 
 
-def adapter_params(shape: ModelShape, setup: Setup) -> int:
-    """Adapter parameters: r·(in + out) per adapted linear layer per decoder layer (A is r x in,
-    B is out x r), plus a magnitude vector (out) per adapted layer with DoRA."""
+def adapter_tensor_sizes(shape: ModelShape, setup: Setup) -> list[int]:
+    """The sizes of every adapter tensor of the model (modules_to_save copies aside), as PEFT makes
+    them for `setup.adapter` (module docstring)."""
+    if setup.method == "full":
+        return []
     linears = shape.linears()
-    per_layer = sum(setup.lora_r * (linears[m][0] + linears[m][1]) for m in setup.targets(shape))
-    if setup.use_dora:
-        per_layer += sum(linears[m][1] for m in setup.targets(shape))
-    return shape.num_layers * per_layer
+    if setup.adapter == "prefix":
+        d, layers = shape.kv_dim, shape.num_layers  # PEFT's token_dim is the key-value width
+        width = 2 * layers * d
+        hidden = setup.prefix_projection
+        if hidden:  # embedding, then Linear(d, hidden), tanh, Linear(hidden, 2·layers·d)
+            return [setup.prefix_tokens * d, d * hidden, hidden, hidden * width, width]
+        return [setup.prefix_tokens * width]
+    per_layer = []
+    for m in setup.targets(shape):
+        fan_in, fan_out = linears[m]
+        if setup.adapter == "ia3":
+            per_layer.append(fan_in if m in setup.ia3_feedforward else fan_out)
+            continue
+        per_layer += [setup.lora_r * fan_in, setup.lora_r * fan_out]
+        if setup.adapter == "adalora":
+            per_layer.append(setup.lora_r)  # the singular values E
+        if setup.use_dora:
+            per_layer.append(fan_out)
+    return per_layer * shape.num_layers
+
+
+def adapter_params(shape: ModelShape, setup: Setup) -> int:
+    """Adapter parameters: for LoRA r·(in + out) per adapted linear layer per decoder layer (A is
+    r x in, B is out x r), plus a magnitude vector (out) per adapted layer with DoRA; for the other
+    methods see the module docstring."""
+    return sum(adapter_tensor_sizes(shape, setup))
+
+
+def adapter_matmul_params(shape: ModelShape, setup: Setup) -> int:
+    """Adapter parameters that take part in matrix products on every token (LoRA's and AdaLoRA's
+    A and B): the ones that cost 6 FLOPs per token. IA3's vectors scale elementwise and a prefix is
+    looked up once per sequence, so theirs are 0."""
+    return adapter_params(shape, setup) if setup.adapter in ("lora", "adalora") else 0
 
 
 def saved_module_params(shape: ModelShape, setup: Setup) -> int:
@@ -577,17 +702,35 @@ def trainable_tensor_sizes(shape: ModelShape, setup: Setup) -> list[int]:
         )
         head = [shape.head_params] if shape.head_params else []
         return per_layer * shape.num_layers + [shape.embedding_params, shape.hidden_size] + head
-    per_layer = []
-    for m in setup.targets(shape):
-        per_layer += [setup.lora_r * linears[m][0], setup.lora_r * linears[m][1]]
-        if setup.use_dora:
-            per_layer.append(linears[m][1])
     copies = [
         shape.vocab_size * shape.hidden_size
         for m in setup.modules_to_save
         if m in ("lm_head", "embed_tokens")
     ]
-    return per_layer * shape.num_layers + copies
+    return adapter_tensor_sizes(shape, setup) + copies
+
+
+def _adapter_formula(shape: ModelShape, setup: Setup) -> str:
+    """How the adapter parameters were counted, in words and numbers."""
+    layers, targets = shape.num_layers, ", ".join(setup.targets(shape))
+    if setup.adapter == "prefix":
+        how = f"{setup.prefix_tokens} virtual tokens x {layers} layers x 2 (key, value) x kv width {shape.kv_dim}"
+        if setup.prefix_projection:
+            how += f", learned through an MLP of width {setup.prefix_projection} (its weights counted)"
+        return how
+    if setup.adapter == "ia3":
+        ff = [m for m in setup.targets(shape) if m in setup.ia3_feedforward]
+        out = [m for m in setup.targets(shape) if m not in setup.ia3_feedforward]
+        parts = ([f"the output width of {', '.join(out)}"] if out else []) + (
+            [f"the input width of {', '.join(ff)}"] if ff else []
+        )
+        return f"{layers} layers x ({' + '.join(parts)})"
+    if setup.adapter == "adalora":
+        return (
+            f"{layers} layers x init_r={setup.lora_r} x (in + out + 1) of {targets} (ranks pruned toward target_r "
+            "stay allocated, zeroed)"
+        )
+    return f"{layers} layers x r={setup.lora_r} x (in + out) of {targets}"
 
 
 def _weight_items(shape: ModelShape, setup: Setup) -> list[Item]:
@@ -705,16 +848,48 @@ def estimate_memory(shape: ModelShape, setup: Setup) -> MemoryEstimate:
                 )
             )
         a = adapter_bytes(setup)
+        adapters = trainable - copies
         items.append(
             Item(
                 "lora",
                 f"adapter weights ({'fp32' if a == 4 else 'bf16'})",
-                a * (trainable - copies),
+                a * adapters,
                 "always",
-                f"{trainable - copies:,} params = {shape.num_layers} layers x r={setup.lora_r} x (in + out) of "
-                f"{', '.join(setup.targets(shape))}, x {a} bytes",
+                f"{adapters:,} params = {_adapter_formula(shape, setup)}, x {a} bytes",
             )
         )
+        if setup.adapter == "adalora":
+            items.append(
+                Item(
+                    "lora",
+                    "AdaLoRA importance scores",
+                    3 * a * adapters,
+                    "always",
+                    f"3 tensors per adapter weight (|w·grad|, its moving average, the uncertainty's) x "
+                    f"{adapters:,} x {a} bytes",
+                )
+            )
+        if setup.reference_adapter:
+            items.append(
+                Item(
+                    "lora",
+                    "the reference adapter (DPO from another adapter)",
+                    a * adapters,
+                    "always",
+                    f"a frozen copy of the starting adapter: {adapters:,} x {a} bytes",
+                )
+            )
+        if setup.objective == "dpo":
+            items.append(
+                Item(
+                    "activations",
+                    "the reference forward (DPO)",
+                    0,
+                    "always",
+                    "the model with the adapter disabled, without gradients, before the policy's forward: its "
+                    "logits are freed before the peak and one log-probability per sequence is kept",
+                )
+            )
     grad = 4 if full else adapter_bytes(setup)
     items.append(
         Item(

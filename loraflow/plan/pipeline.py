@@ -31,7 +31,11 @@ def setup_from_training(
     trained_fraction: float = 1.0,
     device: str | None = None,
 ) -> Setup:
-    """The planner's Setup for a pipeline's `training` section and the batch shape it will see."""
+    """The planner's Setup for a pipeline's `training` section and the batch shape it will see.
+
+    The adapter is this section's `adapter` (with `start_from`, the starting adapter's method and
+    shape decide what trains; the planner assumes they are this section's). Preference objectives
+    run the head on every position (TRL), so `trained_fraction` is 1 for them."""
     lora = training.lora
     unknown = [m for m in lora.modules_to_save if m not in FULL_COPY_MODULES]
     if unknown:
@@ -46,15 +50,33 @@ def setup_from_training(
     if attention == "auto":
         fast = device == "cuda" and installed("flash_attn") and (compute or dtype) != "float32"
         attention = "flash_attention_2" if fast else "sdpa"
+    adapter = training.adapter
+    targets = ("all-linear",) if lora.target_modules == "all-linear" else tuple(lora.target_modules)
+    rank, dropout = lora.r, lora.dropout
+    if adapter == "adalora":
+        rank = (
+            training.adalora.init_r
+        )  # the budget shrinks from init_r, but every layer stays allocated at it
+    elif adapter == "ia3":
+        targets, dropout = tuple(training.ia3.target_modules), 0.0
+    elif adapter == "prefix":
+        targets, dropout = (), 0.0
+    preference = training.objective != "sft"
     return Setup(
         method=training.method,
         dtype=compute if qlora else dtype,
         double_quant=training.quantization.double_quant if qlora else True,
-        lora_r=lora.r,
-        target_modules=("all-linear",) if lora.target_modules == "all-linear" else tuple(lora.target_modules),
-        lora_dropout=lora.dropout,
-        use_dora=lora.use_dora,
-        modules_to_save=tuple(lora.modules_to_save),
+        lora_r=rank,
+        target_modules=targets,
+        lora_dropout=dropout,
+        use_dora=lora.use_dora and adapter == "lora",
+        modules_to_save=tuple(lora.modules_to_save) if adapter in ("lora", "adalora") else (),
+        adapter=adapter,
+        ia3_feedforward=tuple(training.ia3.feedforward_modules),
+        prefix_tokens=training.prefix.num_virtual_tokens,
+        prefix_projection=training.prefix.projection_hidden if training.prefix.projection else None,
+        objective=training.objective,
+        reference_adapter=training.objective == "dpo" and training.start_from is not None,
         optimizer=training.optimizer,
         batch_size=training.batch_size,
         seq_len=seq_len,
@@ -62,7 +84,7 @@ def setup_from_training(
         packing=packing,
         padded=padded or packing,
         attention=attention,
-        trained_fraction=trained_fraction,
+        trained_fraction=1.0 if preference else trained_fraction,
         device=device,
     )
 
@@ -76,7 +98,9 @@ def setup_for_training(
 ) -> Setup:
     """The Setup a training section trains with on a dataset. With the dataset's summary: the
     longest example (not max_seq_len) sets the padded length, the share of trained tokens sets the
-    head's work, and data of one length needs no padding mask."""
+    head's work, and data of one length needs no padding mask. For preference pairs the summary's
+    lengths are both sequences' together: the longest pair's (up to max_seq_len) is taken as each
+    sequence's padded length, an upper bound."""
     seq_len, padded, fraction = max_seq_len, True, 1.0
     if summary:
         percentiles = summary.get("token_percentiles", {})
