@@ -47,7 +47,7 @@ demo: install
 TEST_WORKERS ?= 2
 TEST_THREADS := $(shell $(PYTHON) -c "import os; print(max(1, (os.cpu_count() or 1) // $(TEST_WORKERS)))")
 test: install
-	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not alone"
+	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not alone" --durations=25
 	$(PY) -m pytest -m alone tests/test_plan.py
 
 # The webserver and the daemon (sensors, automation, queued runs) on 127.0.0.1:$(UI_PORT), through

@@ -125,10 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("LORAFLOW_HOME", ".loraflow"),
         help="where the built-in model is (or gets) converted",
     )
-    parser.add_argument("--quick", action="store_true", help="a two-layer model, 2 steps, 32 examples")
+    parser.add_argument("--quick", action="store_true", help="a two-layer model, 2 steps, 16 examples")
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps, args.examples = 2, 32
+        args.steps, args.examples = 2, 16
     if args.steps < 1 or args.examples < 8:
         parser.error("--steps must be positive and --examples at least 8")
 

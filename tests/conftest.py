@@ -163,15 +163,27 @@ WAITING_FIRST = ("test_faults.py", "test_backfill.py", "test_ui.py")
 """Files that spend most of their time waiting (a daemon's ticks and retries, a browser and a webserver)."""
 
 
+LONG_FEW = ("test_preference_pipeline.py",)
+"""Files of a few long tests (two pipelines through Dagster): by their count they would come last and
+finish the run alone."""
+
+
 def pytest_collection_modifyitems(items):
     """The waiting files first: beside the other worker's computing they cost little, while at the
-    end of a parallel run they would finish it alone. Then files with more tests before files with
-    fewer, so that the run ends on small ones (make test passes --no-loadscope-reorder, which keeps
-    this order)."""
+    end of a parallel run they would finish it alone. Then the files of few long tests, then files
+    with more tests before files with fewer, so that the run ends on small ones (make test passes
+    --no-loadscope-reorder, which keeps this order)."""
     from collections import Counter
 
     per_file = Counter(item.path for item in items)
-    items.sort(key=lambda item: (item.path.name not in WAITING_FIRST, -per_file[item.path], str(item.path)))
+    items.sort(
+        key=lambda item: (
+            item.path.name not in WAITING_FIRST,
+            item.path.name not in LONG_FEW,
+            -per_file[item.path],
+            str(item.path),
+        )
+    )
 
 
 def secret_leaks(secret: str, folders: list[Path], instance=None) -> list[str]:

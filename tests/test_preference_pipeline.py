@@ -8,16 +8,19 @@ import math
 
 import pytest
 from conftest import write_yaml
-from dagster import AssetKey, instance_for_test
+from dagster import AssetKey, instance_for_test, materialize
 
+from assets import PARTITIONED_STAGES, pipeline_assets
 from loraflow.spec import load_spec
-from pipelines.run import run_pipeline
+from pipelines.deployment import deployment_resources
+from pipelines.run import run_pipeline, sync_partitions
 
 COMMON = """
 data:
   sources:
     - {{path: data/pairs.jsonl}}
 format:
+  system_prompt: Answer briefly.
   eval_size: 8
   max_seq_len: 128
 base_model:
@@ -34,8 +37,8 @@ SFT = """
 training:
   method: lora
   lora: {r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, v_proj]}
-  max_steps: 4
-  batch_size: 8
+  max_steps: 2
+  batch_size: 4
   learning_rate: 1.0e-2
   checkpoint_every: null
 """
@@ -45,8 +48,8 @@ training:
   objective: dpo
   start_from: chat_sft
   method: lora
-  max_steps: 6
-  batch_size: 8
+  max_steps: 4
+  batch_size: 4
   learning_rate: 1.0e-2
   checkpoint_every: null
 """
@@ -82,8 +85,15 @@ def test_dpo_starts_from_the_sft_pipelines_adapter_and_the_card_names_both(proje
     )
     home = project / ".loraflow"
     with instance_for_test() as instance:
-        first = run_pipeline(sft, instance, home)
-        assert first["success"], first
+        # the SFT pipeline up to its adapter (its evaluation and publishing are every pipeline's)
+        assets, resources = pipeline_assets(sft), deployment_resources(home)
+        for partition in sync_partitions(sft, instance, resources).to_ingest:
+            stages = [AssetKey(["chat_sft", stage]) for stage in PARTITIONED_STAGES]
+            materialize(
+                assets, selection=stages, partition_key=partition, instance=instance, resources=resources
+            )
+        stages = [AssetKey(["chat_sft", stage]) for stage in ("base_model", "training_dataset", "adapter")]
+        assert materialize(assets, selection=stages, instance=instance, resources=resources).success
         second = run_pipeline(dpo, instance, home)
         assert second["success"], second
 
@@ -102,10 +112,10 @@ def test_dpo_starts_from_the_sft_pipelines_adapter_and_the_card_names_both(proje
         )
         # at the first step the policy is the reference (the SFT adapter, of which DPO keeps a frozen
         # copy): the loss is ln 2 and no pair is preferred more than the reference prefers it
-        assert summary["objective"] == "dpo" and summary["steps"] == 6
+        assert summary["objective"] == "dpo" and summary["steps"] == 4
         assert summary["loss_curve"][0][1] == pytest.approx(math.log(2), abs=1e-5)
         assert summary["reward_curve"][0][1:] == [0.0, 0.0]
-        assert [step for step, *_ in summary["reward_curve"]] == list(range(1, 7))
+        assert [step for step, *_ in summary["reward_curve"]] == list(range(1, 5))
         assert summary["loss_curve"][-1][1] < math.log(2)
         assert 0.5 < summary["reward_accuracy"] <= 1.0 and summary["reward_margin"] > 0
         folder = home / "adapters" / "chat_dpo" / dpo_adapter["version"]

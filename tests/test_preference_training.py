@@ -112,12 +112,12 @@ def test_an_overlong_pair_is_truncated_on_both_sides_or_dropped(tokenizer, tmp_p
 
 def test_orpo_trains_without_a_reference_and_reports_reward_accuracy(pairs, tiny_model_dir, tmp_path):
     result = train_adapter(
-        preference_spec("orpo", eval_every=3), tiny_model_dir, pairs.path, tmp_path / "orpo"
+        preference_spec("orpo", max_steps=4, eval_every=2), tiny_model_dir, pairs.path, tmp_path / "orpo"
     )
     assert result.objective == "orpo"
     assert result.loss_curve[-1][1] < result.loss_curve[0][1]
-    assert result.reward_accuracy is not None and len(result.reward_curve) == 6
-    assert [step for step, _ in result.eval_curve] == [3, 6]  # the held-out pairs' ORPO loss
+    assert result.reward_accuracy is not None and len(result.reward_curve) == 4
+    assert [step for step, _ in result.eval_curve] == [2, 4]  # the held-out pairs' ORPO loss
 
 
 def test_preference_metrics_compare_each_pair_with_the_base():
