@@ -441,7 +441,8 @@ def train_adapter(
             # TRL's DPOTrainer attaches the adapter itself when handed the config: the reference is
             # then the model with the adapter disabled (the base), with no frozen copy in memory
             peft_config = model.peft_config["default"]
-            model = model.unload()
+            # a prompt-learning adapter (prefix) leaves the base's layers as they were
+            model = model.get_base_model() if peft_config.is_prompt_learning else model.unload()
     main = int(os.environ.get("RANK", "0")) == 0
     if main:
         log.info("runtime: %s", runtime.describe() + "".join(f"; {note}" for note in runtime.notes))

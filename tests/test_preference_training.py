@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import pytest
 
@@ -169,3 +170,14 @@ def test_the_gate_reads_reward_accuracy_against_the_base_and_fails_without_pairs
     )
     (reason,) = gate_verdict(chats, GateSpec(metric="preference_margin")).failures
     assert "no preference pairs in the eval split" in reason
+
+
+def test_dpo_trains_a_prefix_whose_reference_is_the_base(pairs, tiny_model_dir, tmp_path):
+    from loraflow.adapters import adapter_method
+
+    spec = preference_spec("dpo", adapter="prefix", lora=LoraSpec(), max_steps=2, batch_size=4)
+    result = train_adapter(spec, tiny_model_dir, pairs.path, tmp_path / "prefix")
+    assert adapter_method(tmp_path / "prefix") == "prefix" and result.trainable_params > 0
+    # a new prefix is random, so unlike a new LoRA it already moves the policy off the base at step 1
+    assert result.loss_curve[0][1] != pytest.approx(math.log(2), abs=1e-5)
+    assert len(result.reward_curve) == 2
