@@ -31,6 +31,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from bench.train import tiny_model  # noqa: E402
 from loraflow.base_model import load_tokenizer, resolve_base_model  # noqa: E402
 from loraflow.dataset import build_dataset  # noqa: E402
 from loraflow.demo_data import generate_examples  # noqa: E402
@@ -74,29 +75,6 @@ def rows_of(n: int, pairs: bool) -> list[dict]:
             row |= {"rejected": json.dumps([{"role": "assistant", "content": other}]), "prompt_turns": 1}
         rows.append(row)
     return rows
-
-
-def tiny_model(folder: Path, tokenizer) -> Path:
-    """A two-layer Llama with SmolLM2's tokenizer, random weights: the quick mode's model."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def spec_of(adapter: str, objective: str, steps: int) -> TrainingSpec:

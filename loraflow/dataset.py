@@ -390,12 +390,6 @@ def load_split(dataset_dir: Path, split: str) -> list[dict]:
     return rows
 
 
-def is_preference(dataset_dir: Path) -> bool:
-    """Whether a stored dataset holds preference pairs (what dpo and orpo train on)."""
-    summary = json.loads((Path(dataset_dir) / SUMMARY_FILE).read_text())
-    return summary.get("preference_pairs", 0) > 0
-
-
 def stored_template(dataset_dir: Path) -> str:
     """The chat template a dataset was rendered with."""
     return (Path(dataset_dir) / TEMPLATE_FILE).read_text(encoding="utf-8")

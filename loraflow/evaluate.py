@@ -279,9 +279,10 @@ def format_checker(spec: EvaluationSpec, root: Path | None = None):
 
 
 @torch.no_grad()
-def example_losses(model, rows: list[dict], pad_id: int, batch_size: int) -> tuple[list[float], float]:
-    """Each row's mean cross-entropy per trained token, and the mean over all trained tokens."""
-    per_row, total_loss, total_tokens = [], 0.0, 0
+def token_losses(model, rows: list[dict], pad_id: int, batch_size: int) -> tuple[list[float], list[int]]:
+    """Each row's summed cross-entropy over its trained tokens (minus its log-probability of them),
+    and how many trained tokens it has."""
+    sums, counts = [], []
     for start in range(0, len(rows), batch_size):
         batch = {k: v.to(model.device) for k, v in collate(rows[start : start + batch_size], pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -289,43 +290,35 @@ def example_losses(model, rows: list[dict], pad_id: int, batch_size: int) -> tup
         losses = torch.nn.functional.cross_entropy(
             shift_logits.transpose(1, 2), shift_labels, reduction="none", ignore_index=IGNORE_INDEX
         )
-        counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
-        sums = losses.sum(dim=1)
-        per_row += [float(s / max(1, int(c))) for s, c in zip(sums, counts, strict=True)]
-        total_loss += float(sums.sum())
-        total_tokens += int(counts.sum())
-    return per_row, total_loss / max(1, total_tokens)
+        sums += [float(s) for s in losses.sum(dim=1)]
+        counts += [int(c) for c in (shift_labels != IGNORE_INDEX).sum(dim=1)]
+    return sums, counts
 
 
-@torch.no_grad()
-def sequence_logps(model, rows: list[dict], pad_id: int, batch_size: int) -> list[float]:
-    """Each row's summed log-probability of its trained tokens (the labels that are not IGNORE_INDEX)."""
-    sums = []
-    for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(model.device) for k, v in collate(rows[start : start + batch_size], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2),
-            batch["labels"][:, 1:],
-            reduction="none",
-            ignore_index=IGNORE_INDEX,
-        )
-        sums += [-float(s) for s in losses.sum(dim=1)]
-    return sums
+def example_losses(model, rows: list[dict], pad_id: int, batch_size: int) -> tuple[list[float], float]:
+    """Each row's mean cross-entropy per trained token, and the mean over all trained tokens."""
+    return _means(*token_losses(model, rows, pad_id, batch_size))
 
 
-def pair_margins(model, pairs: list[dict], pad_id: int, batch_size: int) -> list[float]:
-    """Each preference pair's log-probability of the chosen answer minus the rejected one's."""
-    chosen = sequence_logps(
-        model, [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in pairs], pad_id, batch_size
-    )
-    rejected = sequence_logps(
+def _means(sums: list[float], counts: list[int]) -> tuple[list[float], float]:
+    """Per-row mean losses per trained token, and the mean over every trained token."""
+    return [s / max(1, c) for s, c in zip(sums, counts, strict=True)], sum(sums) / max(1, sum(counts))
+
+
+def pair_margins(
+    model, rows: list[dict], chosen_losses: list[float], pad_id: int, batch_size: int
+) -> list[float]:
+    """Each preference pair's log-probability of the chosen answer minus the rejected one's, for the
+    rows that are pairs; `chosen_losses` are the rows' summed losses (token_losses), already computed
+    for eval_loss, so only the rejected sequences run again."""
+    pairs = [i for i, row in enumerate(rows) if row.get("rejected_input_ids") is not None]
+    rejected, _ = token_losses(
         model,
-        [{"input_ids": r["rejected_input_ids"], "labels": r["rejected_labels"]} for r in pairs],
+        [{"input_ids": rows[i]["rejected_input_ids"], "labels": rows[i]["rejected_labels"]} for i in pairs],
         pad_id,
         batch_size,
     )
-    return [c - r for c, r in zip(chosen, rejected, strict=True)]
+    return [r - chosen_losses[i] for i, r in zip(pairs, rejected, strict=True)]
 
 
 def pair_metrics(margins: list[float], base_margins: list[float]) -> dict[str, float]:
@@ -387,12 +380,12 @@ def score(
     preference pairs, `base` is the base model's scores (None when scoring the base itself)."""
     started = time.perf_counter()
     model.eval()
-    per_row, loss = example_losses(model, rows, tokenizer.pad_token_id, spec.batch_size)
+    sums, counts = token_losses(model, rows, tokenizer.pad_token_id, spec.batch_size)
+    per_row, loss = _means(sums, counts)
     answers = generate_answers(model, tokenizer, prompts, spec.max_new_tokens, spec.batch_size)
     metrics = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
     metrics.update(answer_metrics(answers, references, matches_format))
-    pairs = [row for row in rows if row.get("rejected_input_ids") is not None]
-    margins = pair_margins(model, pairs, tokenizer.pad_token_id, spec.batch_size) if pairs else []
+    margins = pair_margins(model, rows, sums, tokenizer.pad_token_id, spec.batch_size)
     metrics.update(pair_metrics(margins, base.pair_margins if base is not None else margins))
     log.info(
         "%s: %s (%d examples in %.1fs)",

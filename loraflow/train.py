@@ -416,7 +416,7 @@ def train_adapter(
         raise TrainingError(f"{dataset_dir}: the train split is empty; there is nothing to train on")
     eval_rows = load_split(dataset_dir, "eval")[:EVAL_EXAMPLES] if training.eval_every else []
     if pairs:
-        train_rows, dropped = _pairs_only(train_rows, training.objective, dataset_dir)
+        train_rows = _pairs_only(train_rows, training.objective, dataset_dir)
         eval_rows = [r for r in eval_rows if r["rejected_input_ids"] is not None]
         if pack_to is not None:
             raise TrainingError(f"training.objective {training.objective}: preference pairs are not packed")
@@ -642,7 +642,7 @@ def _last_rewards(curve: list[tuple], last: int = 10) -> dict:
     }
 
 
-def _pairs_only(rows: list[dict], objective: str, dataset_dir: Path) -> tuple[list[dict], int]:
+def _pairs_only(rows: list[dict], objective: str, dataset_dir: Path) -> list[dict]:
     """The train rows that are preference pairs; a dataset without any cannot train DPO or ORPO."""
     kept_rows = [r for r in rows if r["rejected_input_ids"] is not None]
     if not kept_rows:
@@ -657,7 +657,7 @@ def _pairs_only(rows: list[dict], objective: str, dataset_dir: Path) -> tuple[li
             len(rows) - len(kept_rows),
             objective,
         )
-    return kept_rows, len(rows) - len(kept_rows)
+    return kept_rows
 
 
 def _continue_adapter(model, start_adapter_dir: Path, training: TrainingSpec):
